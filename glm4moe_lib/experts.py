@@ -1,0 +1,89 @@
+"""Experts: E independent SwiGLU feed-forward networks, stored as two fused tensors.
+
+One expert computes ``down(act(gate(x)) * up(x))``. GLM-4.5 (like transformers'
+``Glm4MoeExperts``) keeps all E experts in
+
+* ``gate_up_proj``  [E, 2I, H]: rows 0..I-1 are the gate projection, rows I..2I-1 the up projection
+* ``down_proj``     [E, H, I]
+
+so one index picks an expert's whole weights, and batched kernels see one tensor. The shared
+expert is an ordinary SwiGLU ``MLP`` applied to every token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+class MLP(nn.Module):
+    """A SwiGLU MLP with transformers' names (gate_proj, up_proj, down_proj): the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT_FNS[hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., H] -> [..., H]
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def swiglu(x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+    """One expert on a block of tokens: x [N, H], gate_up [2I, H], down [H, I] -> [N, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
+    return F.linear(act_fn(gate) * up, down)
+
+
+class Experts(nn.Module):
+    """All routed experts; ``forward`` runs each token through its K experts and combines them."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
+        self.act_fn = ACT_FNS[config.hidden_act]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        h, i = self.config.hidden_size, self.config.moe_intermediate_size
+        nn.init.uniform_(self.gate_up_proj, -(h**-0.5), h**-0.5)  # as nn.Linear(H, 2I)
+        nn.init.uniform_(self.down_proj, -(i**-0.5), i**-0.5)  # as nn.Linear(I, H)
+
+    def expert(self, index: int, x: Tensor) -> Tensor:
+        """Run expert ``index`` alone on x [N, H]."""
+        return swiglu(x, self.gate_up_proj[index], self.down_proj[index], self.act_fn)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        strategy: str | None = None,
+    ) -> Tensor:
+        """hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H].
+
+        ``strategy`` overrides ``config.dispatch`` (see :mod:`glm4moe_lib.dispatch`).
+        """
+        from .dispatch import dispatch_combine
+
+        return dispatch_combine(
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            self.gate_up_proj,
+            self.down_proj,
+            self.act_fn,
+            strategy=strategy or self.config.dispatch,
+        )

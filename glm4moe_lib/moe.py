@@ -1,0 +1,83 @@
+"""The GLM-4.5 MoE layer: router + routed experts + shared experts.
+
+``MoE`` has the same submodule names and state_dict keys as transformers' ``Glm4MoeMoE``
+(``gate.weight``, ``gate.e_score_correction_bias``, ``experts.gate_up_proj``,
+``experts.down_proj``, ``shared_experts.{gate,up,down}_proj.weight``), so a real checkpoint loads
+with ``moe.load_state_dict(hf_moe.state_dict())`` and gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .experts import MLP, Experts
+from .router import RouterOutput, TopkRouter
+
+
+class MoE(nn.Module):
+    """output = sum_k w_k · expert_k(x) + shared_experts(x), for x of shape [..., hidden_size]."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.gate = TopkRouter(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.shared_intermediate_size, config.hidden_act)
+            if config.n_shared_experts > 0
+            else None
+        )
+
+    def _check_input(self, hidden_states: Tensor) -> None:
+        h = self.config.hidden_size
+        if not isinstance(hidden_states, Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != h:
+            raise ValueError(
+                f"hidden_states has shape {tuple(hidden_states.shape)}: its last dimension must be "
+                f"hidden_size={h}"
+            )
+        if not hidden_states.is_floating_point():
+            raise ValueError(
+                f"hidden_states has dtype {hidden_states.dtype}: a floating-point tensor is required"
+            )
+        weight = self.experts.gate_up_proj
+        if hidden_states.device != weight.device:
+            raise ValueError(
+                f"hidden_states is on {hidden_states.device} but the layer's weights are on "
+                f"{weight.device}: move one of them (e.g. moe.to(hidden_states.device))"
+            )
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(
+            hidden_states.device.type
+        ):
+            raise ValueError(
+                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
+                f"{weight.dtype}: cast one of them (e.g. moe.to({hidden_states.dtype}))"
+            )
+
+    def forward(
+        self, hidden_states: Tensor, return_routing: bool = False
+    ) -> Tensor | tuple[Tensor, RouterOutput]:
+        """hidden_states [..., H] -> [..., H]; with ``return_routing`` also the RouterOutput."""
+        self._check_input(hidden_states)
+        orig_shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
+        routing = self.gate(x)
+        out = self.experts(x, routing.topk_indices, routing.topk_weights)  # [T, H]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        out = out.reshape(orig_shape)
+        return (out, routing) if return_routing else out
+
+    @classmethod
+    def from_hf(cls, hf_moe: nn.Module) -> MoE:
+        """A library MoE with the config and weights of a transformers ``Glm4MoeMoE``."""
+        moe = cls(MoEConfig.from_hf(hf_moe.config))
+        param = next(hf_moe.parameters())
+        moe.to(device=param.device, dtype=param.dtype)
+        moe.load_state_dict(hf_moe.state_dict(), strict=True)
+        return moe

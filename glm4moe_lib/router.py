@@ -1,0 +1,118 @@
+"""The router (a.k.a. gate): which K experts each token goes to, and with what weights.
+
+GLM-4.5 (``Glm4MoeTopkRouter`` in transformers) does, for T tokens and E experts:
+
+1. ``logits = x @ W.T`` in float32                                  # [T, E]
+2. ``scores = sigmoid(logits)`` (the seed lessons and Mixtral: softmax)
+3. ``choice = scores + e_score_correction_bias``  (selection only, never the weights)
+4. group-limited selection: keep the ``topk_group`` groups whose two best experts sum highest
+5. ``topk_indices = topk(choice, K)``                                # [T, K]
+6. ``topk_weights = scores[topk_indices]``, optionally / sum, then * ``routed_scaling_factor``
+
+Each step is a small function here, so the lessons can show them one at a time; ``TopkRouter``
+chains them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+
+class RouterOutput(NamedTuple):
+    """Everything the router decided, for the experts, the losses and the plots."""
+
+    logits: Tensor  # [T, E] float32, before any scoring function
+    scores: Tensor  # [T, E] float32, softmax or sigmoid of logits / temperature
+    topk_weights: Tensor  # [T, K] float32, the weights the expert outputs are combined with
+    topk_indices: Tensor  # [T, K] int64, the chosen experts (distinct per token)
+
+
+def compute_scores(logits: Tensor, scoring_func: str = "sigmoid", temperature: float = 1.0) -> Tensor:
+    """Scores in float32: softmax over experts (probabilities) or an independent sigmoid each."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: it must be > 0")
+    logits = logits.float() / temperature
+    if scoring_func == "softmax":
+        return logits.softmax(dim=-1)
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    raise ValueError(f"scoring_func={scoring_func!r} is not allowed: use 'softmax' or 'sigmoid'")
+
+
+def group_limited_mask(choice: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """Boolean mask [T, E]: True for experts in the ``topk_group`` best groups of each token.
+
+    A group's score is the sum of its two highest choice scores (as in DeepSeek-V3 / GLM-4.5).
+    """
+    tokens, num_experts = choice.shape
+    if n_group == 1 or topk_group >= n_group:
+        return torch.ones_like(choice, dtype=torch.bool)
+    per_group = num_experts // n_group
+    group_scores = choice.view(tokens, n_group, per_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
+    group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    return group_mask.unsqueeze(-1).expand(tokens, n_group, per_group).reshape(tokens, num_experts)
+
+
+def route(
+    logits: Tensor,
+    config: MoEConfig,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+) -> RouterOutput:
+    """Steps 2–6 above on precomputed ``logits`` [T, E]; ``bias`` [E] shifts selection only."""
+    if logits.dim() != 2 or logits.shape[-1] != config.n_routed_experts:
+        raise ValueError(
+            f"logits has shape {tuple(logits.shape)}: expected [tokens, n_routed_experts="
+            f"{config.n_routed_experts}]"
+        )
+    logits = logits.float()
+    scores = compute_scores(logits, config.scoring_func, temperature)  # [T, E]
+    choice = scores if bias is None else scores + bias.float()  # [T, E] selection scores
+    if config.n_group > 1 and config.topk_group < config.n_group:
+        keep = group_limited_mask(choice, config.n_group, config.topk_group)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    topk_indices = choice.topk(config.num_experts_per_tok, dim=-1).indices  # [T, K]
+    topk_weights = scores.gather(1, topk_indices)  # [T, K] from the *unbiased* scores
+    if config.norm_topk_prob:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    topk_weights = topk_weights * config.routed_scaling_factor
+    return RouterOutput(logits, scores, topk_weights, topk_indices)
+
+
+class TopkRouter(nn.Module):
+    """Linear router with a selection bias, as ``Glm4MoeTopkRouter`` (same state_dict keys)."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))  # [E, H]
+        # Float32 buffer, zero at init: changed by the auxiliary-loss-free balancer, not by SGD.
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # as nn.Linear: U(-1/sqrt(H), 1/sqrt(H))
+        self.e_score_correction_bias.zero_()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # model.to(torch.bfloat16) must not round the selection bias: keep it float32 (as
+        # transformers' _keep_in_fp32_modules_strict does), only follow the device.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device, torch.float32)
+        return self
+
+    def forward(self, hidden_states: Tensor, temperature: float = 1.0) -> RouterOutput:
+        """Route ``hidden_states`` [..., H] (flattened to [T, H]); the math runs in float32."""
+        x = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        return route(logits, self.config, self.e_score_correction_bias, temperature)
