@@ -96,7 +96,9 @@ def sequence_balance_loss(scores: Tensor, topk_indices: Tensor, batch_size: int)
     s = scores.float().view(batch_size, seq_len, num_experts)
     p = (s / s.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)  # [B, E]
     counts = torch.zeros(batch_size, num_experts, device=scores.device)
-    counts.scatter_add_(1, topk_indices.view(batch_size, -1), torch.ones_like(counts[:, :1]).expand(-1, seq_len * top_k))
+    counts.scatter_add_(
+        1, topk_indices.view(batch_size, -1), torch.ones_like(counts[:, :1]).expand(-1, seq_len * top_k)
+    )
     f = counts * num_experts / (top_k * seq_len)  # [B, E]
     return (f * p).sum(-1).mean()
 

@@ -68,8 +68,7 @@ class MoEConfig:
             )
         if self.topk_group > g:
             raise ValueError(
-                f"topk_group={self.topk_group} is not allowed: it must be between 1 and "
-                f"n_group={g}"
+                f"topk_group={self.topk_group} is not allowed: it must be between 1 and n_group={g}"
             )
         selectable = self.topk_group * (e // g)
         if self.num_experts_per_tok > selectable:
@@ -78,20 +77,14 @@ class MoEConfig:
                 f"from at most topk_group * n_routed_experts / n_group = {selectable} experts"
             )
         if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(
-                f"scoring_func={self.scoring_func!r} is not allowed: use one of {SCORING_FUNCS}"
-            )
+            raise ValueError(f"scoring_func={self.scoring_func!r} is not allowed: use one of {SCORING_FUNCS}")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not allowed: use one of {HIDDEN_ACTS}")
         if self.dispatch not in DISPATCH_STRATEGIES:
-            raise ValueError(
-                f"dispatch={self.dispatch!r} is not allowed: use one of {DISPATCH_STRATEGIES}"
-            )
+            raise ValueError(f"dispatch={self.dispatch!r} is not allowed: use one of {DISPATCH_STRATEGIES}")
         r = self.routed_scaling_factor
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or r == float("inf"):
-            raise ValueError(
-                f"routed_scaling_factor={r!r} is not allowed: it must be a finite number > 0"
-            )
+            raise ValueError(f"routed_scaling_factor={r!r} is not allowed: it must be a finite number > 0")
         if not isinstance(self.norm_topk_prob, bool):
             raise ValueError(f"norm_topk_prob={self.norm_topk_prob!r} is not allowed: use True or False")
 

@@ -51,9 +51,7 @@ class MoE(nn.Module):
                 f"hidden_states is on {hidden_states.device} but the layer's weights are on "
                 f"{weight.device}: move one of them (e.g. moe.to(hidden_states.device))"
             )
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(
-            hidden_states.device.type
-        ):
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
             raise ValueError(
                 f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
                 f"{weight.dtype}: cast one of them (e.g. moe.to({hidden_states.dtype}))"

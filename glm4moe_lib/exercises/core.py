@@ -1,0 +1,157 @@
+"""The machinery behind every "your turn" exercise: run a learner's function on several cases and
+say in plain words what is wrong, recognizing the common mistakes.
+
+A check is built from
+
+* a reference implementation (the library's own),
+* ``cases``: named argument tuples the function is called with,
+* ``mistakes``: buggy variants of the reference, each with the sentence to say when the learner's
+  output matches it (e.g. "you took the softmax over the tokens instead of the experts").
+
+``check_function`` returns a :class:`CheckResult`, whose repr is the message, so a notebook cell
+ending in ``check_router(my_router)`` shows the verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+NOT_DONE = "not done yet"
+
+
+@dataclass
+class Case:
+    """One call of the learner's function: ``fn(*args, **kwargs)``."""
+
+    name: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Mistake:
+    """A known wrong implementation and what to tell a learner whose output matches it."""
+
+    message: str
+    fn: Callable[..., Any]
+
+
+@dataclass
+class CheckResult:
+    """The verdict of a check: ``passed`` is True only when every case matched the reference."""
+
+    title: str
+    passed: bool
+    message: str
+    status: str = "failed"  # "passed", "failed" or "not done"
+
+    def __repr__(self) -> str:
+        return self.message
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+Compare = Callable[[Any, Any], "str | None"]
+
+
+def describe(value: Any) -> str:
+    """A short description of a value for error messages (shape and dtype for tensors)."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, tuple):
+        return "a tuple (" + ", ".join(describe(v) for v in value) + ")"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def compare_values(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
+    """None if ``got`` equals ``expected`` (tensors: same shape, close values), else why not."""
+    if isinstance(expected, tuple):
+        if not isinstance(got, tuple) or len(got) != len(expected):
+            return f"it should return a tuple of {len(expected)} values, but returned {describe(got)}"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            why = compare_values(g, e, atol, rtol)
+            if why:
+                return f"in returned value #{i + 1}: {why}"
+        return None
+    if isinstance(expected, Tensor):
+        if not isinstance(got, Tensor):
+            return f"it should return {describe(expected)}, but returned {describe(got)}"
+        if got.shape != expected.shape:
+            return f"it returned shape {list(got.shape)}, but the expected shape is {list(expected.shape)}"
+        if expected.is_floating_point() != got.is_floating_point():
+            return f"it returned dtype {got.dtype}, but {expected.dtype} is expected"
+        g, e = got.detach().cpu(), expected.detach().cpu()
+        if not e.is_floating_point():
+            if not torch.equal(g, e):
+                return "its integer values differ from the expected ones"
+            return None
+        if not torch.allclose(g.double(), e.double(), atol=atol, rtol=rtol, equal_nan=True):
+            diff = (g.double() - e.double()).abs().max().item()
+            return f"its values differ from the expected ones (largest difference {diff:.3g})"
+        return None
+    if isinstance(expected, float):
+        try:
+            ok = abs(float(got) - expected) <= atol + rtol * abs(expected)
+        except (TypeError, ValueError):
+            return f"it should return a number, but returned {describe(got)}"
+        return None if ok else f"it returned {float(got):.6g}, but {expected:.6g} is expected"
+    return None if got == expected else f"it returned {got!r}, but {expected!r} is expected"
+
+
+def check_function(
+    title: str,
+    learner_fn: Callable[..., Any],
+    reference_fn: Callable[..., Any],
+    cases: Sequence[Case],
+    mistakes: Sequence[Mistake] = (),
+    compare: Compare = compare_values,
+) -> CheckResult:
+    """Run ``learner_fn`` on every case, compare with ``reference_fn``, explain the first failure."""
+    if not callable(learner_fn):
+        return CheckResult(title, False, f"❌ {title}: expected a function, got {describe(learner_fn)}")
+    for case in cases:
+        expected = reference_fn(*case.args, **case.kwargs)
+        try:
+            got = learner_fn(*_clone(case.args), **_clone(case.kwargs))
+        except NotImplementedError:
+            msg = f"⏳ {title}: {NOT_DONE}. Replace the `raise NotImplementedError` with your code and run the check again."
+            return CheckResult(title, False, msg, status="not done")
+        except Exception as exc:  # the learner's bug, reported in words
+            msg = f"❌ {title}: on the case '{case.name}' your function raised {type(exc).__name__}: {exc}"
+            return CheckResult(title, False, msg)
+        if got is None or got is Ellipsis:
+            msg = f"⏳ {title}: {NOT_DONE} (your function returned {got!r}; did you forget `return`?)"
+            return CheckResult(title, False, msg, status="not done")
+        why = compare(got, expected)
+        if why is None:
+            continue
+        for mistake in mistakes:
+            try:
+                wrong = mistake.fn(*_clone(case.args), **_clone(case.kwargs))
+            except Exception:
+                continue
+            if compare(got, wrong) is None:
+                msg = f"❌ {title}: on the case '{case.name}' {mistake.message}"
+                return CheckResult(title, False, msg)
+        return CheckResult(title, False, f"❌ {title}: on the case '{case.name}' {why}.")
+    msg = f"✅ {title}: correct on all {len(cases)} cases."
+    return CheckResult(title, True, msg, status="passed")
+
+
+def _clone(obj: Any) -> Any:
+    """Copies of tensors, so a learner function that edits its inputs in place cannot fool a check."""
+    if isinstance(obj, Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clone(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj

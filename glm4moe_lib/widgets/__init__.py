@@ -1,0 +1,1 @@
+"""Interactive ipywidgets controls for the lessons; each also has a static-figure twin in viz."""
