@@ -52,3 +52,7 @@ constraints: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache notebooks/learner
+
+# The classroom playground as an app without code cells (Voila), for a projector.
+demo: setup
+	$(BIN)/voila notebooks/playground.ipynb --port=8866 --Voila.ip=127.0.0.1
