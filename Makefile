@@ -56,3 +56,6 @@ clean:
 # The classroom playground as an app without code cells (Voila), for a projector.
 demo: setup
 	$(BIN)/voila notebooks/playground.ipynb --port=8866 --Voila.ip=127.0.0.1
+
+bench: setup
+	$(PY) -m glm4moe_lib.bench
