@@ -81,7 +81,13 @@ def test_from_hf_and_to_hf_round_trip():
     assert cfg.scoring_func == "sigmoid"
     assert (cfg.hidden_size, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob) == (48, 3, 2, False)
     back = cfg.to_hf()
-    for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts", "n_group", "routed_scaling_factor"):
+    for name in (
+        "hidden_size",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "n_group",
+        "routed_scaling_factor",
+    ):
         assert getattr(back, name) == getattr(hf, name)
 
 

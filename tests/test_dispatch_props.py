@@ -70,7 +70,9 @@ def test_gradients_equal_dense_reference(batch):
         xi = x.clone().requires_grad_()
         w = routing.topk_weights.detach().clone().requires_grad_()
         if name == "dense":
-            out = dense_reference(xi, routing.topk_indices, w, moe.experts.gate_up_proj, moe.experts.down_proj)
+            out = dense_reference(
+                xi, routing.topk_indices, w, moe.experts.gate_up_proj, moe.experts.down_proj
+            )
         else:
             out = moe.experts(xi, routing.topk_indices, w, strategy=name)
         if out.requires_grad:  # an empty batch may give an output with no graph at all

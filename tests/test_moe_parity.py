@@ -133,4 +133,6 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(TypeError, match="MoEConfig"):
         MoE({"hidden_size": 64})
     with pytest.raises(ValueError, match="strategy='fast'"):
-        moe.experts(torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), strategy="fast")
+        moe.experts(
+            torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), strategy="fast"
+        )
