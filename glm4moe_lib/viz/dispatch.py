@@ -1,0 +1,229 @@
+"""Figures for lesson 05: the sort-based dispatch, the weighted combine, capacity and memory.
+
+The small helpers at the top compute the numbers the figures draw (expert capacity, which
+(token, slot) pairs a capacity-limited layer drops, the memory of each dispatch layout); the lesson
+and its exercises use them too. Every ``plot_*`` returns a closed figure (shown once by the notebook).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..dispatch import plan_dispatch
+from .core import PALETTE, close, to_numpy
+
+# ---- the numbers ---------------------------------------------------------------------------------
+
+
+def _check_index(top_k_index: Tensor, num_experts: int) -> None:
+    if not isinstance(top_k_index, Tensor) or top_k_index.dim() != 2:
+        shape = tuple(top_k_index.shape) if isinstance(top_k_index, Tensor) else type(top_k_index).__name__
+        raise ValueError(f"top_k_index has shape {shape}: expected [tokens, K]")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """GShard / Switch capacity: each expert takes at most ``ceil(factor * T * K / E)`` pairs."""
+    if not capacity_factor > 0 or math.isinf(capacity_factor):
+        raise ValueError(
+            f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
+        )
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep_mask(top_k_index: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Which (token, slot) pairs fit: [T, K] bool. Each expert keeps its first ``capacity`` pairs,
+    first choices of all tokens before second choices (GShard's priority), tokens in order."""
+    _check_index(top_k_index, num_experts)
+    t, k = top_k_index.shape
+    slot_major = top_k_index.T.reshape(-1)  # [K*T]: all first choices, then all second choices
+    one_hot = torch.nn.functional.one_hot(slot_major, num_experts)  # [K*T, E]
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # [K*T] place in its expert's queue
+    return (position < capacity).reshape(k, t).T  # [T, K]
+
+
+def capacity_drops(top_k_index: Tensor, num_experts: int, capacity_factor: float) -> tuple[int, int]:
+    """(capacity per expert, number of (token, slot) pairs dropped) for a capacity-limited layer."""
+    _check_index(top_k_index, num_experts)
+    t, k = top_k_index.shape
+    cap = expert_capacity(t, num_experts, k, capacity_factor)
+    load = torch.bincount(top_k_index.reshape(-1), minlength=num_experts)  # [E]
+    return cap, int((load - cap).clamp_min(0).sum())
+
+
+def dropped_fraction(top_k_index: Tensor, num_experts: int, capacity_factors: Sequence[float]) -> list[float]:
+    """Fraction of the T*K pairs dropped at each capacity factor."""
+    total = top_k_index.numel()
+    return [capacity_drops(top_k_index, num_experts, f)[1] / total for f in capacity_factors]
+
+
+def dispatch_memory(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float = 1.25, hidden_size: int = 0
+) -> dict[str, int]:
+    """Bytes of the routing bookkeeping of each layout (plus the dispatched activations if
+    ``hidden_size`` > 0, float32).
+
+    * capacity masks (GShard/Switch): a [T, E, C] bool dispatch mask and a [T, E, C] float32 combine
+      tensor, C = capacity; the dispatched activations are [E, C, H].
+    * sorted indices (dropless): order, token ids and expert ids [T*K] int64 and offsets [E+1];
+      the dispatched activations are [T*K, H].
+    """
+    cap = expert_capacity(num_tokens, num_experts, top_k, capacity_factor)
+    masks = num_tokens * num_experts * cap * (1 + 4)
+    sorted_idx = 3 * num_tokens * top_k * 8 + (num_experts + 1) * 8
+    if hidden_size:
+        masks += num_experts * cap * hidden_size * 4
+        sorted_idx += num_tokens * top_k * hidden_size * 4
+    return {"capacity masks": masks, "sorted indices": sorted_idx, "capacity": cap}
+
+
+# ---- the pictures --------------------------------------------------------------------------------
+
+
+def _expert_colors(num_experts: int) -> list[str]:
+    return [PALETTE[e % len(PALETTE)] for e in range(num_experts)]
+
+
+def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tensor | None = None) -> Figure:
+    """Dispatch and combine as a picture: the T*K (token, slot) pairs in token order (left), sorted
+    by expert into contiguous blocks (middle), and scatter-added back to their tokens (right, line
+    width = combine weight)."""
+    _check_index(top_k_index, num_experts)
+    t, k = top_k_index.shape
+    if t * k > 64:
+        raise ValueError(f"top_k_index has {t * k} pairs: at most 64 fit in a readable picture")
+    plan = plan_dispatch(top_k_index.cpu(), num_experts)
+    flat = to_numpy(top_k_index).reshape(-1).astype(int)  # [T*K]
+    order = to_numpy(plan.order).astype(int)
+    weights = None if top_k_weights is None else to_numpy(top_k_weights).reshape(-1)
+    colors = _expert_colors(num_experts)
+    n = t * k
+    fig, ax = plt.subplots(figsize=(11, max(4.0, 0.3 * n + 1.2)), layout="constrained")
+    x_in, x_sorted, x_out = 0.0, 4.0, 8.0
+    y_pair = lambda i: n - 1 - i  # noqa: E731
+    y_tok = lambda tok: (n - 1) - (tok + 0.5) * k + 0.5  # noqa: E731
+    for i in range(n):
+        tok, slot = divmod(i, k)
+        e = flat[i]
+        ax.add_patch(plt.Rectangle((x_in - 0.9, y_pair(i) - 0.4), 1.8, 0.8, color=colors[e], alpha=0.85))
+        ax.text(x_in, y_pair(i), f"t{tok}·k{slot} → e{e}", ha="center", va="center", fontsize=9)
+    for j, i in enumerate(order):
+        tok, slot = divmod(int(i), k)
+        e = flat[i]
+        ax.add_patch(plt.Rectangle((x_sorted - 0.9, y_pair(j) - 0.4), 1.8, 0.8, color=colors[e], alpha=0.85))
+        label = f"t{tok}" + ("" if weights is None else f" ×{weights[i]:.2f}")
+        ax.text(x_sorted, y_pair(j), label, ha="center", va="center", fontsize=9)
+        ax.plot([x_in + 0.9, x_sorted - 0.9], [y_pair(i), y_pair(j)], color=colors[e], lw=1, alpha=0.6)
+        lw = 1.0 if weights is None else 0.5 + 3.0 * float(weights[i]) / max(float(weights.max()), 1e-9)
+        ax.plot([x_sorted + 0.9, x_out - 0.6], [y_pair(j), y_tok(tok)], color=colors[e], lw=lw, alpha=0.6)
+    offsets = to_numpy(plan.offsets).astype(int)
+    for e in range(num_experts):
+        start, end = offsets[e], offsets[e + 1]
+        if end > start:
+            top, bottom = y_pair(start) + 0.45, y_pair(end - 1) - 0.45
+            ax.plot([x_sorted + 1.0] * 2, [bottom, top], color="black", lw=1)
+            ax.text(
+                x_sorted - 1.05,
+                (top + bottom) / 2,
+                f"e{e}: {end - start}",
+                ha="right",
+                va="center",
+                fontsize=9,
+            )
+    for tok in range(t):
+        ax.add_patch(plt.Rectangle((x_out - 0.6, y_tok(tok) - 0.4), 1.2, 0.8, color="#dddddd"))
+        ax.text(x_out, y_tok(tok), f"out[{tok}]", ha="center", va="center", fontsize=9)
+    for x, title in (
+        (x_in, "pairs in token order\n(token·slot → expert)"),
+        (x_sorted, "sorted by expert:\none block per expert"),
+        (x_out, "weighted\nscatter-add"),
+    ):
+        ax.text(x, n + 0.2, title, ha="center", va="bottom", fontsize=11)
+    ax.set_xlim(-1.2, 9.0)
+    ax.set_ylim(-0.8, n + 1.6)
+    ax.axis("off")
+    ax.set_title(f"Dispatch and combine: {t} tokens × top-{k} of {num_experts} experts")
+    return close(fig)
+
+
+def plot_capacity_drops(
+    top_k_index: Tensor, num_experts: int, capacity_factor: float, title: str = ""
+) -> Figure:
+    """Per-expert load with the capacity line: what fits (blue) and what is dropped (vermillion)."""
+    _check_index(top_k_index, num_experts)
+    t, k = top_k_index.shape
+    cap, dropped = capacity_drops(top_k_index, num_experts, capacity_factor)
+    load = to_numpy(torch.bincount(top_k_index.reshape(-1).cpu(), minlength=num_experts))
+    kept = np.minimum(load, cap)
+    fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+    xs = np.arange(num_experts)
+    ax.bar(xs, kept, color=PALETTE[0], label="processed")
+    ax.bar(xs, load - kept, bottom=kept, color=PALETTE[3], label="dropped")
+    ax.axhline(cap, color="black", linestyle="--", lw=1.5, label=f"capacity C = {cap}")
+    ax.axhline(t * k / num_experts, color=PALETTE[2], linestyle=":", lw=1.5, label="balanced T·K/E")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("(token, slot) pairs")
+    ax.set_xticks(xs)
+    ax.set_title(
+        title
+        or f"capacity factor {capacity_factor:g}: {dropped} of {t * k} pairs dropped ({dropped / (t * k):.0%})"
+    )
+    ax.legend(loc="upper right", fontsize=9)
+    return close(fig)
+
+
+def plot_dropped_vs_capacity(
+    routings: dict[str, Tensor], num_experts: int, capacity_factors: Sequence[float] | None = None
+) -> Figure:
+    """Fraction of pairs dropped against the capacity factor, one line per routing."""
+    factors = list(capacity_factors) if capacity_factors is not None else list(np.linspace(0.5, 3.0, 26))
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    for i, (name, idx) in enumerate(routings.items()):
+        ax.plot(
+            factors,
+            dropped_fraction(idx, num_experts, factors),
+            marker="o",
+            ms=3,
+            color=PALETTE[i],
+            label=name,
+        )
+    for f, style in ((1.0, ":"), (1.25, "--")):
+        ax.axvline(f, color="gray", linestyle=style, lw=1)
+        ax.text(f, 1.0, f" {f:g}", color="gray", va="top", fontsize=9)
+    ax.set_xlabel("capacity factor (C = factor · T·K / E)")
+    ax.set_ylabel("fraction of (token, slot) pairs dropped")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Token dropping: capacity-limited layers lose tokens when routing is uneven")
+    ax.legend()
+    return close(fig)
+
+
+def plot_dispatch_memory(
+    num_experts: int = 64,
+    top_k: int = 8,
+    capacity_factor: float = 1.25,
+    token_counts: Sequence[int] | None = None,
+) -> Figure:
+    """Routing bookkeeping memory against batch size: [T, E, C] masks grow as T², sorted indices as T."""
+    counts = list(token_counts) if token_counts is not None else [2**p for p in range(6, 17)]
+    masks = [dispatch_memory(t, num_experts, top_k, capacity_factor)["capacity masks"] for t in counts]
+    sorted_idx = [dispatch_memory(t, num_experts, top_k, capacity_factor)["sorted indices"] for t in counts]
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    ax.loglog(counts, masks, marker="o", color=PALETTE[3], label="[T, E, C] dispatch + combine masks")
+    ax.loglog(counts, sorted_idx, marker="s", color=PALETTE[0], label="sorted indices (order, token, expert)")
+    for gb, name in ((2**20, "1 MiB"), (2**30, "1 GiB")):
+        ax.axhline(gb, color="gray", lw=0.8, linestyle=":")
+        ax.text(counts[0], gb, name, color="gray", va="bottom", fontsize=9)
+    ax.set_xlabel("tokens in the batch T")
+    ax.set_ylabel("bytes")
+    ax.set_title(f"Routing bookkeeping, E={num_experts}, K={top_k}, capacity factor {capacity_factor:g}")
+    ax.legend()
+    return close(fig)
