@@ -1,0 +1,226 @@
+"""Figures for lessons 06–07: expert load over training, MaxVio and task-loss curves, the
+normalization conventions of the balancing losses, and routing load across layers.
+
+The training figures take :class:`glm4moe_lib.lab.LabResult` objects (from
+``run_balancing_experiment``); the widget in :mod:`glm4moe_lib.widgets.balance` redraws
+:func:`plot_training_step`. Every function returns a closed figure (shown once by the notebook).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from ..balance import load_balancing_loss, sequence_balance_loss
+from ..lab import LabResult
+from .core import CMAP, PALETTE, close, heatmap, to_numpy
+
+
+def _check_results(results: Mapping[str, LabResult]) -> None:
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError("results must be a non-empty dict {label: LabResult} (see lab.run_sweep)")
+    for name, r in results.items():
+        if not isinstance(r, LabResult):
+            raise ValueError(f"results[{name!r}] is a {type(r).__name__}: expected a LabResult")
+
+
+def smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
+    """Trailing moving average (the first points average what is there so far)."""
+    arr = np.asarray(values, dtype=float)
+    if window <= 1 or len(arr) == 0:
+        return arr
+    c = np.cumsum(np.insert(arr, 0, 0.0))
+    out = np.empty_like(arr)
+    for i in range(len(arr)):
+        lo = max(0, i + 1 - window)
+        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
+def relative_load(result: LabResult) -> np.ndarray:
+    """[S, E] load of each expert divided by the balanced load T·K/E (1 = fair share)."""
+    loads = to_numpy(result.loads)
+    fair = loads.sum(1, keepdims=True) / loads.shape[1]
+    return loads / np.maximum(fair, 1e-9)
+
+
+def plot_training_step(result: LabResult, step: int | None = None) -> Figure:
+    """Expert × step heatmap of the load (relative to the fair share), a line at ``step``, and the
+    load bars and MaxVio at that step."""
+    steps = result.steps
+    step = steps - 1 if step is None else step
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < steps:
+        raise ValueError(f"step={step!r} is not allowed: it must be an integer in [0, {steps - 1}]")
+    rel = relative_load(result)  # [S, E]
+    e = rel.shape[1]
+    fig, (ax_map, ax_bar) = plt.subplots(
+        1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]}, layout="constrained"
+    )
+    im = heatmap(
+        ax_map,
+        rel.T,
+        xlabel="training step",
+        ylabel="expert",
+        title=f"{result.label}: load / fair share",
+        vmin=0.0,
+        vmax=float(e / result.top_k),
+    )
+    im.colorbar.set_label("load ÷ (T·K/E)")
+    ax_map.axvline(step, color="white", lw=2)
+    ax_map.axvline(step, color="black", lw=0.8, linestyle="--")
+    if e <= 16:
+        ax_map.set_yticks(range(e))
+    colors = [PALETTE[3] if v > 1.5 else (PALETTE[5] if v < 0.5 else PALETTE[0]) for v in rel[step]]
+    ax_bar.bar(np.arange(e), rel[step], color=colors)
+    ax_bar.axhline(1.0, color="black", linestyle="--", lw=1.5, label="fair share")
+    ax_bar.set_ylim(0, e / result.top_k * 1.05)
+    ax_bar.set_xlabel("expert")
+    ax_bar.set_ylabel("load ÷ fair share")
+    ax_bar.set_title(f"step {step}: MaxVio = {result.max_vio[step]:.2f}")
+    if e <= 16:
+        ax_bar.set_xticks(range(e))
+    ax_bar.legend(loc="upper right")
+    return close(fig)
+
+
+def plot_load_grid(results: Mapping[str, LabResult], columns: int = 3) -> Figure:
+    """One expert × step heatmap per run, same colour scale, for a side-by-side comparison."""
+    _check_results(results)
+    n = len(results)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+    )
+    first = next(iter(results.values()))
+    vmax = first.num_experts / first.top_k
+    im = None
+    for ax, (label, r) in zip(axes.flat, results.items()):
+        im = heatmap(ax, relative_load(r).T, title=label, vmin=0, vmax=vmax, colorbar=False)
+        ax.title.set_fontsize(10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01, label="load ÷ fair share")
+    return close(fig)
+
+
+def plot_tradeoff(results: Mapping[str, LabResult], window: int = 10) -> Figure:
+    """MaxVio and task loss over training (moving averages), and the end-of-training trade-off:
+    held-out MaxVio (MaxVio_global) against held-out task loss."""
+    _check_results(results)
+    fig, (ax_v, ax_l, ax_s) = plt.subplots(1, 3, figsize=(15, 4.3), layout="constrained")
+    for i, (label, r) in enumerate(results.items()):
+        color = PALETTE[i % len(PALETTE)]
+        style = "-" if i < len(PALETTE) else "--"
+        ax_v.plot(smooth(r.max_vio, window), color=color, linestyle=style, label=label)
+        ax_l.plot(smooth(r.task_loss, window), color=color, linestyle=style, label=label)
+        ax_s.scatter(r.eval_max_vio, r.eval_task_loss, color=color, s=60, edgecolors="black", zorder=3)
+        ax_s.annotate(
+            label, (r.eval_max_vio, r.eval_task_loss), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
+    first = next(iter(results.values()))
+    ax_v.axhline(first.num_experts / first.top_k - 1, color="gray", linestyle=":", lw=1)
+    ax_v.text(
+        0, first.num_experts / first.top_k - 1, " total collapse", color="gray", va="bottom", fontsize=9
+    )
+    ax_v.set_xlabel("training step")
+    ax_v.set_ylabel(f"MaxVio (moving average of {window})")
+    ax_v.set_title("Imbalance during training")
+    ax_v.set_ylim(bottom=0)
+    ax_l.set_xlabel("training step")
+    ax_l.set_ylabel(f"task loss (moving average of {window})")
+    ax_l.set_yscale("log")
+    ax_l.set_title("Task loss")
+    ax_s.set_xlabel("MaxVio on held-out tokens")
+    ax_s.set_ylabel("task loss on held-out tokens")
+    ax_s.set_title("After training: lower-left is better")
+    ax_s.margins(0.15)
+    handles, labels = ax_v.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=9)
+    return close(fig)
+
+
+def plot_bias_trajectories(result: LabResult) -> Figure:
+    """The selection bias of every expert over training (auxiliary-loss-free balancing)."""
+    bias = to_numpy(result.bias)  # [S, E]
+    rel0 = relative_load(result)[0]
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+    cmap = plt.get_cmap(CMAP)
+    e = bias.shape[1]
+    for j in range(e):
+        ax.plot(bias[:, j], color=cmap(j / max(e - 1, 1)), label=f"e{j} (start {rel0[j]:.1f}×)")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("e_score_correction_bias")
+    ax.set_title(f"{result.label}\noverloaded experts are pushed down, starved ones up")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="expert (start load)")
+    return close(fig)
+
+
+def balance_conventions(
+    num_experts: int = 8, top_ks: Sequence[int] = (1, 2, 4, 8), tokens: int = 512
+) -> dict:
+    """The three losses for uniform routing (equal logits, ties broken so the picks are spread
+    evenly) at several top-K: Switch/transformers' ``E·Σ f·P`` (uniform gives K) and DeepSeek's
+    sequence-wise loss (uniform gives 1)."""
+    out: dict[str, list[float]] = {
+        "top_k": list(top_ks),
+        "transformers (E·Σ f·P)": [],
+        "DeepSeek-V3 sequence-wise": [],
+    }
+    # tiny token-dependent offsets spread the top-K picks evenly over the experts
+    base = torch.arange(tokens)[:, None] - torch.arange(num_experts)[None, :]  # [T, E]
+    logits = 1e-6 * (-(base % num_experts)).float()  # [T, E], softmax still uniform to 1e-6
+    for k in top_ks:
+        idx = logits.topk(k, dim=-1).indices
+        out["transformers (E·Σ f·P)"].append(round(float(load_balancing_loss(logits, k)), 3))
+        out["DeepSeek-V3 sequence-wise"].append(
+            round(float(sequence_balance_loss(logits.sigmoid(), idx, 1)), 3)
+        )
+    return out
+
+
+def plot_balance_conventions(num_experts: int = 8, top_ks: Sequence[int] = (1, 2, 4, 8)) -> Figure:
+    """Bars: the value of each balancing loss under perfectly uniform routing, per top-K."""
+    conv = balance_conventions(num_experts, top_ks)
+    ks = conv.pop("top_k")
+    fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+    width = 0.8 / len(conv)
+    x = np.arange(len(ks))
+    for i, (name, vals) in enumerate(conv.items()):
+        bars = ax.bar(x + (i - (len(conv) - 1) / 2) * width, vals, width, color=PALETTE[i], label=name)
+        ax.bar_label(bars, fmt="%.2g", fontsize=9)
+    ax.set_xticks(x, labels=[f"top-{k}" for k in ks])
+    ax.set_ylabel("loss under uniform routing")
+    ax.set_title(f"Same balance, different numbers: E={num_experts} experts")
+    ax.legend()
+    return close(fig)
+
+
+def plot_layer_loads(
+    loads: Sequence[torch.Tensor] | torch.Tensor, layer_names: Sequence[str] | None = None
+) -> Figure:
+    """Layers × experts heatmap of each MoE layer's load relative to the fair share."""
+    rows = [to_numpy(x).reshape(-1) for x in loads]
+    if not rows:
+        raise ValueError("loads is empty: pass one [E] load per MoE layer")
+    e = len(rows[0])
+    if any(len(r) != e for r in rows):
+        raise ValueError(
+            f"loads have lengths {[len(r) for r in rows]}: every layer must have the same experts"
+        )
+    arr = np.stack(rows)
+    rel = arr / np.maximum(arr.sum(1, keepdims=True) / e, 1e-9)
+    names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(len(rows))]
+    fig, ax = plt.subplots(figsize=(min(12, 3 + 0.45 * e), 1.2 + 0.5 * len(rows)), layout="constrained")
+    im = heatmap(ax, rel, xlabel="expert", title="Load per layer ÷ fair share", vmin=0, yticklabels=names)
+    im.colorbar.set_label("load ÷ (T·K/E)")
+    if e <= 32:
+        ax.set_xticks(range(e))
+    return close(fig)

@@ -1,0 +1,121 @@
+"""Figures of lessons 05–07 build, and the widgets redraw when a control changes."""
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from glm4moe_lib.lab import run_sweep
+from glm4moe_lib.viz import balance as vb
+from glm4moe_lib.viz import dispatch as vd
+from glm4moe_lib.widgets.balance import capacity_explorer, training_explorer
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_sweep([("none", None), ("bias", 1e-2)], steps=8)
+
+
+@pytest.fixture(scope="module")
+def routing():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(64)])
+    skewed = idx.clone()
+    skewed[:40, 0] = 0
+    return {"random": idx, "skewed": skewed}
+
+
+def test_capacity_numbers():
+    assert vd.expert_capacity(10, 4, 2, 1.0) == 5
+    assert vd.expert_capacity(7, 4, 2, 1.0) == 4  # ceil(3.5)
+    idx = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2]])
+    cap, dropped = vd.capacity_drops(idx, 4, 1.0)
+    assert (cap, dropped) == (2, 1)
+    keep = vd.capacity_keep_mask(idx, 4, cap)
+    assert keep.shape == (4, 2) and int((~keep).sum()) == dropped
+    assert not keep[2, 0]  # expert 0's third first-choice is the one dropped
+    assert vd.dropped_fraction(idx, 4, [1.0, 4.0]) == [1 / 8, 0.0]
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+        vd.expert_capacity(4, 4, 1, 0)
+
+
+def test_dispatch_memory_grows_quadratically():
+    small = vd.dispatch_memory(1024, 64, 8)
+    big = vd.dispatch_memory(2048, 64, 8)
+    assert big["capacity masks"] / small["capacity masks"] == pytest.approx(4, rel=0.01)
+    assert big["sorted indices"] / small["sorted indices"] == pytest.approx(2, rel=0.01)
+
+
+def test_dispatch_figures(routing):
+    idx = routing["random"][:6]
+    w = torch.full((6, 2), 0.5)
+    for fig in (
+        vd.plot_permutation(idx, 8, w),
+        vd.plot_permutation(idx, 8),
+        vd.plot_capacity_drops(routing["skewed"], 8, 1.25),
+        vd.plot_dropped_vs_capacity(routing, 8, [0.5, 1.0, 2.0]),
+        vd.plot_dispatch_memory(token_counts=[64, 128]),
+    ):
+        assert isinstance(fig, Figure)
+    with pytest.raises(ValueError, match="at most 64"):
+        vd.plot_permutation(routing["random"], 8)
+    with pytest.raises(ValueError, match="top_k_index has shape"):
+        vd.plot_capacity_drops(torch.zeros(4, dtype=torch.long), 8, 1.0)
+
+
+def test_balance_figures(results):
+    r = results["no balancing"]
+    assert vb.relative_load(r).shape == (8, 8)
+    assert vb.relative_load(r).mean() == pytest.approx(1.0)
+    for fig in (
+        vb.plot_training_step(r),
+        vb.plot_training_step(r, 0),
+        vb.plot_load_grid(results),
+        vb.plot_tradeoff(results, window=3),
+        vb.plot_bias_trajectories(results["bias update (loss-free), u=0.01"]),
+        vb.plot_balance_conventions(),
+        vb.plot_layer_loads([torch.rand(8), torch.rand(8)], ["layer 1", "layer 2"]),
+    ):
+        assert isinstance(fig, Figure)
+    with pytest.raises(ValueError, match="step=8"):
+        vb.plot_training_step(r, 8)
+    with pytest.raises(ValueError, match="results"):
+        vb.plot_tradeoff({})
+    with pytest.raises(ValueError, match="same experts"):
+        vb.plot_layer_loads([torch.rand(8), torch.rand(4)])
+
+
+def test_conventions():
+    conv = vb.balance_conventions(8, (1, 2, 4))
+    assert conv["transformers (E·Σ f·P)"] == [1.0, 2.0, 4.0]
+    assert conv["DeepSeek-V3 sequence-wise"] == [1.0, 1.0, 1.0]
+
+
+def test_smooth():
+    assert list(vb.smooth([1.0, 3.0, 5.0], 2)) == [1.0, 2.0, 4.0]
+
+
+def test_training_explorer_redraws(results):
+    box = training_explorer(results)
+    assert box.redraw_count == 1 and isinstance(box.figure, Figure)
+    assert box.controls["step"].value == 7
+    assert all(c.description for c in box.controls.values())
+    first = box.figure
+    box.controls["step"].value = 2
+    assert box.redraw_count == 2 and box.figure is not first
+    assert any("step 2:" in ax.get_title() for ax in box.figure.axes)
+    box.controls["method"].value = "bias update (loss-free), u=0.01"
+    assert box.redraw_count == 3
+    assert "bias update" in box.figure.axes[0].get_title()
+    with pytest.raises(ValueError, match="method='x'"):
+        training_explorer(results, method="x")
+
+
+def test_capacity_explorer_redraws(routing):
+    box = capacity_explorer(routing, 8)
+    assert box.redraw_count == 1
+    assert all(c.description for c in box.controls.values())
+    box.controls["capacity_factor"].value = 3.0
+    assert box.redraw_count == 2
+    assert "0 of 128 pairs dropped" in box.figure.axes[0].get_title()
+    box.controls["routing"].value = "skewed"
+    assert box.redraw_count == 3
