@@ -5,8 +5,9 @@ router and the shared expert are replicated. Every rank brings its own tokens (d
 one forward pass does
 
 1. route locally: ``topk_indices`` / ``topk_weights``                          # [T, K]
-2. (optional) capacity: keep at most C = ceil(capacity_factor * T*K/E) pairs per expert on this
-   rank, the first ones in (token, slot) order; the others are dropped and reported
+2. (optional) capacity: each expert accepts at most C = ceil(capacity_factor * T*K/E) pairs from
+   this rank (first choices before second choices, as in lesson 05); the others are dropped and
+   reported
 3. sort the kept (token, slot) pairs by expert (``plan_dispatch``): experts are contiguous per rank,
    so the pairs for rank 0 come first, then rank 1, ...
 4. exchange the counts (``all_to_all_single`` of E ints), then the token rows themselves
@@ -125,12 +126,18 @@ def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) 
 
 
 def capacity_keep_mask(topk_indices: Tensor, num_experts: int, cap: int) -> Tensor:
-    """[T, K] bool: True for the first ``cap`` pairs of each expert in (token, slot) order."""
-    plan = plan_dispatch(topk_indices, num_experts)
+    """[T, K] bool: which (token, slot) pairs fit when each expert takes at most ``cap`` of them.
+
+    Priority as in lesson 05 (GShard): the first choices of all tokens before the second choices,
+    and so on; within one choice, tokens in order.
+    """
+    top_k = topk_indices.shape[-1]
+    slot_major = topk_indices.T.reshape(-1, 1)  # [K*T, 1]: all first choices, then all second ...
+    plan = plan_dispatch(slot_major, num_experts)  # stable: queue order within each expert
     position = torch.arange(plan.order.numel(), device=topk_indices.device) - plan.offsets[plan.expert_ids]
     keep = torch.empty(plan.order.numel(), dtype=torch.bool, device=topk_indices.device)
-    keep[plan.order] = position < cap  # back from expert order to (token, slot) order
-    return keep.view(topk_indices.shape)
+    keep[plan.order] = position < cap  # [K*T] back from expert order to slot-major order
+    return keep.view(top_k, -1).T  # [T, K]
 
 
 def a2a_bytes_formula(tokens: int, top_k: int, hidden_size: int, world_size: int, elem_size: int) -> float:

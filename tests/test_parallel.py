@@ -87,12 +87,13 @@ def runs() -> dict:
 
 
 def naive_keep(idx: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
-    """The drop rule, spelled out: per expert, the first ``cap`` pairs in (token, slot) order."""
+    """The drop rule, spelled out: each expert takes ``cap`` pairs, all first choices (tokens in
+    order) before any second choice, and so on (GShard's priority, as in lesson 05)."""
     tokens, top_k = idx.shape
     taken = [0] * num_experts
     keep = torch.zeros(tokens, top_k, dtype=torch.bool)
-    for t in range(tokens):
-        for k in range(top_k):
+    for k in range(top_k):
+        for t in range(tokens):
             e = int(idx[t, k])
             if taken[e] < cap:
                 keep[t, k] = True
@@ -232,6 +233,9 @@ def test_counting_helpers():
     assert traffic_matrix([idx, idx[:1]], 8, 2).tolist() == [[4, 2], [1, 1]]
     keep = capacity_keep_mask(idx.repeat(3, 1), 8, 2)
     assert torch.equal(keep, naive_keep(idx.repeat(3, 1), 8, 2)) and (~keep).sum() == 6
+    # first choices win over second choices, whatever the token order
+    keep = capacity_keep_mask(torch.tensor([[0, 1], [1, 0], [0, 1]]), 8, 2)
+    assert keep.tolist() == [[True, True], [True, False], [True, False]]
     assert a2a_bytes_formula(10, 2, 32, 4, 4) == 10 * 2 * 32 * 4 * 3 / 4
     glm = comm_bytes_per_token(preset("glm4.5"), 8)  # bf16: 8 * 5120 * 2 B * 7/8 each way
     assert glm["dispatch"] == 8 * 5120 * 2 * 7 / 8 and glm["experts_per_rank"] == 20
