@@ -290,3 +290,24 @@ def test_torchrun_demo():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0/2: 8 tokens" in proc.stdout and "rank 1/2: 8 tokens" in proc.stdout
     assert "world size 2:" in proc.stdout and "-> OK" in proc.stdout
+
+
+# ---- lesson 09's exercise checks ------------------------------------------------------------------
+
+
+def test_exercise_checks_accept_the_reference_and_name_mistakes():
+    from glm4moe_lib.exercises.lesson_09 import check_dispatch_bytes, check_send_matrix
+
+    assert check_send_matrix(traffic_matrix).passed
+    assert "transposed" in repr(check_send_matrix(lambda p, e, w: traffic_matrix(p, e, w).T))
+    round_robin = check_send_matrix(
+        lambda p, e, w: torch.stack([torch.bincount(i.reshape(-1) % w, minlength=w) for i in p])
+    )
+    assert "round robin" in repr(round_robin)
+
+    def not_done(*args):
+        raise NotImplementedError
+
+    assert check_send_matrix(not_done).status == "not done"
+    assert check_dispatch_bytes(a2a_bytes_formula).passed
+    assert "(W-1)/W" in repr(check_dispatch_bytes(lambda t, k, h, w, b: float(t * k * h * b)))
