@@ -1,0 +1,666 @@
+"""Train the tiny GLM-4-style MoE language model on the course corpus.
+
+Python::
+
+    from glm4moe_lib.train import train, train_preset
+    result = train(train_preset("tiny", steps=200, progress=False))
+    result.model, result.metrics            # the trained model and its history
+
+Command line::
+
+    python -m glm4moe_lib.train --preset small --balance aux_loss_free --out runs/small
+    python -m glm4moe_lib.train --preset small --out runs/small --resume   # continue a run
+
+What it does: AdamW with linear warmup then cosine decay; load balancing chosen by ``balance``:
+
+* ``"aux_loss"``      add ``aux_loss_coef * load_balancing_loss(router logits of every MoE layer)``
+* ``"aux_loss_free"`` after every step, ``update_bias`` moves each MoE layer's
+  ``gate.e_score_correction_bias`` towards balance (GLM-4.5 / DeepSeek-V3)
+* ``"none"``          nothing
+
+Every ``eval_interval`` steps it measures the validation loss (overall and per domain), every MoE
+layer's expert load and MaxVio on a fixed held-out set. Metrics go to ``metrics.json``; checkpoints
+(``checkpoint.safetensors``: weights, optimizer, scheduler, RNG and loader state, step, history) are
+written atomically (temporary file in the same folder, then ``os.replace``), so a crash while
+writing leaves the previous checkpoint intact, and a resumed run ends with exactly the weights of
+an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .balance import expert_load, load_balancing_loss, max_violation, update_bias
+from .data import Batch, BatchLoader, ByteTokenizer, Corpus, eval_batches, load_corpus, split_corpus
+from .model import GLMMoEModel, ModelConfig, model_preset
+
+__all__ = [
+    "BALANCE_MODES",
+    "TRAIN_PRESETS",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "build_model",
+    "collect_routing",
+    "evaluate",
+    "generate",
+    "load_checkpoint",
+    "lr_at",
+    "main",
+    "save_checkpoint",
+    "specialization_matrix",
+    "train",
+    "train_preset",
+]
+
+BALANCE_MODES = ("aux_loss_free", "aux_loss", "none")
+CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_NAME = "metrics.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (the model comes from ``preset`` + ``model_overrides``)."""
+
+    preset: str = "tiny"  # model size: see glm4moe_lib.model.MODEL_PRESETS
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
+    dense: bool = False  # train the dense twin with equal active parameters instead
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    balance: str = "aux_loss_free"  # one of BALANCE_MODES
+    aux_loss_coef: float = 1e-2
+    bias_update_rate: float = 1e-3
+    eval_interval: int = 50  # 0: evaluate only at the end
+    eval_batches: int = 4
+    checkpoint_interval: int = 0  # 0: checkpoint only at the end (when out_dir is set)
+    out_dir: str | None = None  # where metrics.json and checkpoint.safetensors go
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "mps" or "auto"
+    data_dir: str | None = None  # default: data/corpus of this repository
+    progress: bool = True  # tqdm bar
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is not allowed."""
+        from .model import MODEL_PRESETS
+
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not known: use one of {sorted(MODEL_PRESETS)}")
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is not allowed: it must be a positive integer")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} is not allowed: it must be an integer >= 0")
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"balance={self.balance!r} is not allowed: use one of {BALANCE_MODES}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is not allowed: it must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr!r} is not allowed: it must be in [0, lr={self.lr}]")
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be in [0, 1)")
+        if self.device not in ("cpu", "cuda", "mps", "auto"):
+            raise ValueError(f"device={self.device!r} is not allowed: use 'cpu', 'cuda', 'mps' or 'auto'")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides={self.model_overrides!r} is not allowed: it must be a dict")
+        cfg = self.model_config()
+        if self.seq_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"seq_len={self.seq_len} is not allowed: it must be at most the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig this run trains (the dense twin if ``dense``)."""
+        cfg = model_preset(self.preset, **self.model_overrides)
+        return cfg.dense_equivalent() if self.dense else cfg
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train config has unknown field(s) {unknown}: allowed are {sorted(known)}")
+        return cls(**d)
+
+
+#: Training settings that go with each model preset.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20, eval_interval=50),
+    "small": dict(
+        steps=1200, batch_size=32, seq_len=128, lr=2e-3, warmup_steps=50, eval_interval=100, eval_batches=8
+    ),
+}
+
+
+def train_preset(name: str, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a named preset, optionally with some fields changed."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"preset={name!r} is not known: use one of {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{"preset": name, **TRAIN_PRESETS[name], **overrides})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: linear warmup to ``lr``, then cosine decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min(progress, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _resolve_device(name: str) -> torch.device:
+    from .device import pick_device
+
+    return pick_device(name)
+
+
+def build_model(cfg: TrainConfig) -> GLMMoEModel:
+    """The model of ``cfg``, initialized from ``cfg.seed`` (on CPU, then moved)."""
+    torch.manual_seed(cfg.seed)
+    return GLMMoEModel(cfg.model_config())
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+# ---- evaluation and routing analysis -------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_routing(
+    model: GLMMoEModel, batches: Sequence[Batch]
+) -> tuple[list[Tensor], Tensor, list[Tensor], Tensor]:
+    """Run ``batches`` and gather, for every MoE layer, the chosen experts of every token.
+
+    Returns (topk_indices per MoE layer [T, K], token domain ids [T], per-token losses [T] as a
+    one-element list, token ids [T]), with T = all tokens of all batches, in order.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_layer: list[list[Tensor]] = [[] for _ in model.moe_layers()]
+    domains, losses, tokens = [], [], []
+    for b in batches:
+        x, y = b.x.to(device), b.y.to(device)
+        with _autocast(device):
+            out = model(x, return_routing=True)
+        moe_routing = [r for r in out.routing if r is not None]
+        for i, r in enumerate(moe_routing):
+            per_layer[i].append(r.topk_indices.cpu())
+        ce = nn.functional.cross_entropy(
+            out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1), reduction="none"
+        )
+        losses.append(ce.cpu())
+        domains.append(b.domain[:, None].expand_as(b.x).reshape(-1))
+        tokens.append(b.x.reshape(-1))
+    model.train(was_training)
+    return (
+        [torch.cat(layer) for layer in per_layer],
+        torch.cat(domains),
+        [torch.cat(losses)],
+        torch.cat(tokens),
+    )
+
+
+def specialization_matrix(topk_indices: Tensor, domain_ids: Tensor, n_domains: int, n_experts: int) -> Tensor:
+    """[D, E] float32: for each domain, the fraction of its (token, slot) picks that went to each expert.
+
+    topk_indices [T, K] int64, domain_ids [T] int64. Each row sums to 1 (0 for a domain with no
+    tokens); a uniform router gives 1/E everywhere.
+    """
+    if topk_indices.dim() != 2 or domain_ids.shape != topk_indices.shape[:1]:
+        raise ValueError(
+            f"topk_indices has shape {tuple(topk_indices.shape)} and domain_ids {tuple(domain_ids.shape)}: "
+            "expected [T, K] and [T]"
+        )
+    k = topk_indices.shape[1]
+    dom = domain_ids[:, None].expand(-1, k).reshape(-1)  # [T*K]
+    flat = dom * n_experts + topk_indices.reshape(-1)  # [T*K] index into D*E cells
+    counts = torch.bincount(flat, minlength=n_domains * n_experts).float().view(n_domains, n_experts)
+    return counts / counts.sum(1, keepdim=True).clamp_min(1)
+
+
+@torch.no_grad()
+def evaluate(model: GLMMoEModel, batches: Sequence[Batch], domains: Sequence[str]) -> dict[str, Any]:
+    """Validation loss (overall and per domain), per-layer expert load, MaxVio and specialization."""
+    indices, dom, (losses,), _ = collect_routing(model, batches)
+    result: dict[str, Any] = {"val_loss": float(losses.mean())}
+    result["val_loss_per_domain"] = {
+        name: float(losses[dom == d].mean()) for d, name in enumerate(domains) if (dom == d).any()
+    }
+    loads, vios, spec = [], [], []
+    for layer_idx in indices:
+        e = model.moe_layers()[0].config.n_routed_experts
+        load = expert_load(layer_idx, e)
+        loads.append([int(v) for v in load.tolist()])
+        vios.append(max_violation(load))
+        spec.append(specialization_matrix(layer_idx, dom, len(domains), e).tolist())
+    result["load"], result["max_vio"], result["specialization"] = loads, vios, spec
+    return result
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+class TrainingError(RuntimeError):
+    """A run that failed; ``last_checkpoint`` is the last good checkpoint (or None)."""
+
+    def __init__(self, message: str, last_checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.last_checkpoint = last_checkpoint
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then move the temporary file over ``path`` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _rng_tensor(state: Tensor) -> Tensor:
+    return state.clone().to(torch.uint8)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: GLMMoEModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: BatchLoader,
+    step: int,
+    cfg: TrainConfig,
+    metrics: dict[str, Any],
+) -> Path:
+    """Write everything needed to resume into one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()
+    opt_state = optimizer.state_dict()
+    for pid, st in opt_state["state"].items():
+        for key, val in st.items():
+            t = val if isinstance(val, Tensor) else torch.tensor(val)
+            tensors[f"optim.{pid}.{key}"] = t.detach().cpu().contiguous().clone()
+    tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
+    tensors["rng.loader"] = _rng_tensor(loader.state_dict()["generator"])
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = _rng_tensor(torch.cuda.get_rng_state())
+    meta = {
+        "format": "glm4moe_lib.train/1",
+        "step": str(step),
+        "train_config": json.dumps(cfg.to_dict()),
+        "model_config": json.dumps(model.config.to_dict()),
+        "optim_param_groups": json.dumps(opt_state["param_groups"]),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "metrics": json.dumps(metrics),
+    }
+    path = Path(path)
+    _atomic_write_bytes(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a checkpoint; ValueError if it is missing, corrupt or not ours."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint={str(path)!r} does not exist: pass a file written by glm4moe_lib.train")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for broken files
+        raise ValueError(
+            f"checkpoint={str(path)!r} is corrupt or not a safetensors file ({type(exc).__name__}: {exc})"
+        ) from None
+    if meta.get("format") != "glm4moe_lib.train/1":
+        raise ValueError(
+            f"checkpoint={str(path)!r} is not a glm4moe_lib.train checkpoint (format="
+            f"{meta.get('format')!r}, expected 'glm4moe_lib.train/1')"
+        )
+    return tensors, meta
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> GLMMoEModel:
+    """The model stored in a checkpoint (weights and config), ready for evaluation or sampling."""
+    tensors, meta = load_checkpoint(path)
+    model = GLMMoEModel(ModelConfig.from_dict(json.loads(meta["model_config"])))
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    model: GLMMoEModel
+    metrics: dict[str, Any]  # what metrics.json holds
+    config: TrainConfig
+    checkpoint: Path | None  # the last checkpoint written (None without out_dir)
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str | Path | bool | None = None,
+    corpus: Corpus | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the model of ``cfg``; return it with its metrics.
+
+    ``resume``: a checkpoint path, or True for ``out_dir/checkpoint.safetensors``. ``corpus``: a
+    pre-split corpus (default: load and split ``data_dir``). ``stop_after``: stop (and checkpoint)
+    after this many steps in total, as if interrupted; used to test resuming.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg={type(cfg).__name__} is not allowed: pass a TrainConfig (see train_preset)")
+    cfg.validate()
+    device = _resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir else None
+    if resume is True:
+        if ckpt_path is None:
+            raise ValueError("resume=True is not allowed without out_dir: pass the checkpoint path instead")
+        resume = ckpt_path
+    corpus = corpus or split_corpus(load_corpus(cfg.data_dir))
+    domains = corpus.domains
+
+    model = build_model(cfg)
+    loader = BatchLoader(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    held_out = eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    metrics: dict[str, Any] = {
+        "train_config": cfg.to_dict(),
+        "model_config": model.config.to_dict(),
+        "domains": domains,
+        "num_parameters": model.num_parameters(),
+        "train": [],
+        "eval": [],
+    }
+    start = 0
+    model.to(device)
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    last_good: Path | None = None
+    if resume:
+        tensors, meta = load_checkpoint(resume)
+        saved_cfg = json.loads(meta["train_config"])
+        for key in ("preset", "model_overrides", "dense", "batch_size", "seq_len", "seed"):
+            if saved_cfg.get(key) != getattr(cfg, key):
+                raise ValueError(
+                    f"resume={str(resume)!r} does not fit this run: its {key}={saved_cfg.get(key)!r} "
+                    f"but the config has {key}={getattr(cfg, key)!r}"
+                )
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"resume={str(resume)!r} holds weights of another model: {exc}") from None
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": json.loads(meta["optim_param_groups"])}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, key = k.split(".", 2)
+                opt_state["state"].setdefault(int(pid), {})[key] = v.to(device) if key != "step" else v
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(json.loads(meta["scheduler"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        loader.load_state_dict({"generator": tensors["rng.loader"]})
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        metrics = json.loads(meta["metrics"])
+        start = int(meta["step"])
+        last_good = Path(resume)
+
+    moe_layers = model.moe_layers()
+    top_k = moe_layers[0].config.num_experts_per_tok if moe_layers else 0
+    n_experts = moe_layers[0].config.n_routed_experts if moe_layers else 0
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_good
+        if ckpt_path is not None:
+            last_good = save_checkpoint(ckpt_path, model, optimizer, scheduler, loader, step, cfg, metrics)
+            _write_metrics(out_dir / METRICS_NAME, metrics)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", leave=False)
+    t0 = time.perf_counter()
+    step = start
+    try:
+        model.train()
+        for step in range(start, end):
+            batch = loader.next()
+            x, y = batch.x.to(device), batch.y.to(device)
+            with _autocast(device):
+                out = model(x, labels=y, return_routing=True)
+            lm_loss = out.loss
+            routing = [r for r in out.routing if r is not None]
+            loss = lm_loss
+            if cfg.balance == "aux_loss" and routing:
+                aux = load_balancing_loss([r.logits for r in routing], top_k)
+                loss = loss + cfg.aux_loss_coef * aux
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {float(loss)} at step {step}")
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            loads = [expert_load(r.topk_indices, n_experts) for r in routing]
+            if cfg.balance == "aux_loss_free":
+                for moe, load in zip(moe_layers, loads):
+                    update_bias(moe.gate.e_score_correction_bias, load.to(device), cfg.bias_update_rate)
+            metrics["train"].append(
+                {
+                    "step": step + 1,
+                    "loss": _round(float(lm_loss.detach())),
+                    "total_loss": _round(float(loss.detach())),
+                    "lr": _round(lr),
+                    "max_vio": [_round(max_violation(load)) for load in loads],
+                }
+            )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(lm_loss.detach()):.3f}")
+            done = step + 1
+            if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.steps:
+                ev = evaluate(model, held_out, domains)
+                ev["step"] = done
+                metrics["eval"].append(ev)
+            if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == end:
+                checkpoint(done)
+    except Exception as exc:
+        if bar is not None:
+            bar.close()
+        where = f"{last_good}" if last_good is not None else "none was written"
+        raise TrainingError(
+            f"training failed at step {step + 1} ({type(exc).__name__}: {exc}); last good checkpoint: {where}",
+            last_good,
+        ) from exc
+    if bar is not None:
+        bar.close()
+    metrics["train_seconds"] = metrics.get("train_seconds", 0.0) + round(time.perf_counter() - t0, 2)
+    if out_dir is not None:
+        _write_metrics(out_dir / METRICS_NAME, metrics)
+    return TrainResult(model, metrics, cfg, last_good)
+
+
+def _write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    text = json.dumps(metrics, separators=(",", ":"))
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text + "\n")
+
+    _atomic_write_bytes(path, write)
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+def generate(
+    model: GLMMoEModel,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 20,
+    seed: int = 0,
+) -> str:
+    """Continue ``prompt`` with ``max_new_tokens`` sampled bytes; returns only the new text."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt={prompt!r} is not allowed: it must be a non-empty string")
+    tok = ByteTokenizer()
+    device = next(model.parameters()).device
+    ids = tok.encode(prompt)[None].to(device)  # [1, S]
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    with _autocast(device):
+        out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    model.train(was_training)
+    return tok.decode(out[0, ids.shape[1] :])
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m glm4moe_lib.train",
+        description="Train the tiny GLM-4-style MoE language model on the course corpus.",
+    )
+    p.add_argument("--preset", default="tiny", help=f"model and training preset: {sorted(TRAIN_PRESETS)}")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--balance", choices=BALANCE_MODES, help="load balancing (default aux_loss_free)")
+    p.add_argument("--aux-loss-coef", type=float)
+    p.add_argument("--bias-update-rate", type=float)
+    p.add_argument("--dense", action="store_true", help="train the dense twin with equal active parameters")
+    p.add_argument("--eval-interval", type=int)
+    p.add_argument("--checkpoint-interval", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, mps or auto (default cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (fixed for reproducible runs)")
+    p.add_argument("--data-dir", help="corpus folder (default data/corpus)")
+    p.add_argument("--out", help="folder for metrics.json and checkpoint.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--sample", default="", help="after training, print a sample continuing this prompt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "lr",
+        "balance",
+        "aux_loss_coef",
+        "bias_update_rate",
+        "eval_interval",
+        "checkpoint_interval",
+        "seed",
+        "device",
+        "data_dir",
+    ):
+        v = getattr(args, name)
+        if v is not None:
+            overrides[name] = v
+    if args.dense:
+        overrides["dense"] = True
+    overrides["out_dir"] = args.out
+    overrides["progress"] = not args.no_progress
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = train_preset(args.preset, **overrides)
+        result = train(cfg, resume=True if args.resume else None)
+    except (ValueError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    last = result.metrics["eval"][-1]
+    print(f"steps {cfg.steps}  val loss {last['val_loss']:.4f}  MaxVio per MoE layer {last['max_vio']}")
+    for domain, loss in last["val_loss_per_domain"].items():
+        print(f"  {domain:8s} val loss {loss:.4f}")
+    print(f"trained in {result.metrics['train_seconds']:.1f} s")
+    if cfg.out_dir:
+        print(f"metrics: {Path(cfg.out_dir) / METRICS_NAME}  checkpoint: {result.checkpoint}")
+    if args.sample:
+        print(repr(generate(result.model, args.sample, 200)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

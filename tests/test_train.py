@@ -1,0 +1,252 @@
+"""Training: loss goes down, exact resume, atomic checkpoints, clear errors, CLI, balancing, exercises."""
+
+import json
+
+import pytest
+import torch
+
+from glm4moe_lib import train as tr
+from glm4moe_lib.data import load_corpus, split_corpus
+from glm4moe_lib.exercises import check_rms_norm, check_specialization_matrix
+from glm4moe_lib.train import (
+    TrainConfig,
+    TrainingError,
+    generate,
+    load_checkpoint,
+    lr_at,
+    specialization_matrix,
+    train,
+    train_preset,
+)
+
+# a very small run: 2 MoE layers of 8 experts, short sequences
+FAST = dict(
+    model_overrides=dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16),
+    batch_size=8,
+    seq_len=32,
+    eval_batches=1,
+    warmup_steps=3,
+    progress=False,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest on a shared CPU, and keeps the runs reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return split_corpus(load_corpus())
+
+
+def _cfg(**kw) -> TrainConfig:
+    return train_preset("tiny", **{**FAST, **kw})
+
+
+def test_loss_decreases(corpus):
+    result = train(_cfg(steps=40, eval_interval=20), corpus=corpus)
+    losses = [r["loss"] for r in result.metrics["train"]]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    evals = result.metrics["eval"]
+    assert [e["step"] for e in evals] == [20, 40]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert set(evals[1]["val_loss_per_domain"]) == {"prose", "math", "code", "records"}
+    assert len(evals[1]["load"]) == 2 and sum(evals[1]["load"][0]) == 8 * 32 * 2
+    text = generate(result.model, "def ", max_new_tokens=20, seed=1)
+    assert len(text) > 0 and text == generate(result.model, "def ", max_new_tokens=20, seed=1)
+
+
+def test_resume_equals_uninterrupted_run_bit_exactly(corpus, tmp_path):
+    steps = 12
+    full = train(_cfg(steps=steps, eval_interval=4, out_dir=str(tmp_path / "a")), corpus=corpus)
+    cfg_b = _cfg(steps=steps, eval_interval=4, out_dir=str(tmp_path / "b"))
+    part = train(cfg_b, corpus=corpus, stop_after=7)
+    assert part.checkpoint == tmp_path / "b" / "checkpoint.safetensors"
+    _, meta = load_checkpoint(part.checkpoint)
+    assert meta["step"] == "7"
+    resumed = train(cfg_b, corpus=corpus, resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.metrics["train"] == resumed.metrics["train"]
+    assert full.metrics["eval"] == resumed.metrics["eval"]
+    stored = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert stored["train"] == full.metrics["train"]
+
+
+def test_checkpoint_write_is_atomic(corpus, tmp_path, monkeypatch):
+    cfg = _cfg(steps=2, out_dir=str(tmp_path))
+    result = train(cfg, corpus=corpus)
+    path = result.checkpoint
+    before = path.read_bytes()
+
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("power cut while writing")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg.replace(steps=4), corpus=corpus, resume=True)
+    assert path.read_bytes() == before  # the previous checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "metrics.json"]
+    load_checkpoint(path)
+
+
+def test_failed_run_names_its_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = tr.update_bias
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1  # once per MoE layer and step
+        if calls["n"] > 2 * 5:  # during step 6
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "update_bias", flaky)
+    with pytest.raises(
+        TrainingError, match=r"step 6 .*last good checkpoint: .*checkpoint\.safetensors"
+    ) as info:
+        train(_cfg(steps=10, checkpoint_interval=4, out_dir=str(tmp_path)), corpus=corpus)
+    assert info.value.last_checkpoint == tmp_path / "checkpoint.safetensors"
+    assert load_checkpoint(info.value.last_checkpoint)[1]["step"] == "4"
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, corpus):
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(ValueError, match=r"checkpoint=.*corrupt"):
+        load_checkpoint(bad)
+    with pytest.raises(ValueError, match=r"checkpoint=.*does not exist"):
+        train(_cfg(steps=2), corpus=corpus, resume=tmp_path / "nope.safetensors")
+    # a truncated real checkpoint
+    good = train(_cfg(steps=1, out_dir=str(tmp_path / "r")), corpus=corpus).checkpoint
+    raw = good.read_bytes()
+    good.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        train(_cfg(steps=2, out_dir=str(tmp_path / "r")), corpus=corpus, resume=True)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(preset="huge"), r"preset='huge' is not known"),
+        (dict(balance="magic"), r"balance='magic' is not allowed"),
+        (dict(model_overrides={"first_k_dense_replace": 9}), r"first_k_dense_replace=9"),
+        (dict(seq_len=4096), r"seq_len=4096 .*max_position_embeddings=64"),
+        (dict(steps=0), r"steps=0"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no manifest.json"):
+        train(_cfg(steps=1, data_dir=str(tmp_path)))
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        tr.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--preset" in out and "--balance" in out and "--resume" in out
+    assert tr.main(["--preset", "huge", "--no-progress"]) == 2
+    assert "preset='huge' is not known" in capsys.readouterr().err
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-2, min_lr=1e-3)
+    assert lr_at(0, cfg) == pytest.approx(1e-3)
+    assert lr_at(9, cfg) == pytest.approx(1e-2)
+    assert lr_at(55, cfg) == pytest.approx(5.5e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+
+
+def test_bias_updates_lower_max_violation(corpus):
+    kw = dict(steps=60, eval_interval=0, bias_update_rate=1e-2)
+
+    def late_maxvio(result):
+        rows = result.metrics["train"][-20:]
+        return sum(sum(r["max_vio"]) / len(r["max_vio"]) for r in rows) / len(rows)
+
+    none = late_maxvio(train(_cfg(balance="none", **kw), corpus=corpus))
+    free = late_maxvio(train(_cfg(balance="aux_loss_free", **kw), corpus=corpus))
+    assert free < 0.75 * none, (free, none)
+
+
+def test_specialization_matrix():
+    idx = torch.tensor([[0, 1], [0, 1], [2, 3]])
+    dom = torch.tensor([0, 0, 1])
+    m = specialization_matrix(idx, dom, 3, 4)
+    assert torch.equal(m, torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0, 0]]))
+
+
+# ---- lesson 08 exercise checks ---------------------------------------------------------------------
+
+
+def _rms_ok(x, weight, eps=1e-6):
+    xf = x.float()
+    return weight * (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rms_layernorm(x, weight, eps=1e-6):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, eps=eps)
+
+
+def _rms_no_eps(x, weight, eps=1e-6):
+    return weight * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def _rms_todo(x, weight, eps=1e-6):
+    raise NotImplementedError
+
+
+def test_check_rms_norm():
+    assert check_rms_norm(_rms_ok).passed
+    r = check_rms_norm(_rms_layernorm)
+    assert not r.passed and "LayerNorm" in r.message
+    r = check_rms_norm(_rms_no_eps)
+    assert not r.passed and "eps" in r.message
+    assert check_rms_norm(_rms_todo).status == "not done"
+
+
+def _spec_ok(topk_indices, domain_ids, n_domains, n_experts):
+    out = torch.zeros(n_domains, n_experts)
+    for d in range(n_domains):
+        picks = topk_indices[domain_ids == d].reshape(-1)
+        if len(picks):
+            out[d] = torch.bincount(picks, minlength=n_experts).float() / len(picks)
+    return out
+
+
+def _spec_counts(topk_indices, domain_ids, n_domains, n_experts):
+    out = torch.zeros(n_domains, n_experts)
+    for d in range(n_domains):
+        out[d] = torch.bincount(topk_indices[domain_ids == d].reshape(-1), minlength=n_experts).float()
+    return out
+
+
+def _spec_columns(topk_indices, domain_ids, n_domains, n_experts):
+    c = _spec_counts(topk_indices, domain_ids, n_domains, n_experts)
+    return c / c.sum(0, keepdim=True).clamp_min(1)
+
+
+def test_check_specialization_matrix():
+    assert check_specialization_matrix(_spec_ok).passed
+    r = check_specialization_matrix(_spec_counts)
+    assert not r.passed and "raw counts" in r.message
+    r = check_specialization_matrix(_spec_columns)
+    assert not r.passed and "column" in r.message
+    assert not check_specialization_matrix(lambda *a: torch.zeros(2, 4)).passed
