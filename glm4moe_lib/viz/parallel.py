@@ -41,7 +41,7 @@ def plot_token_routes(
     The number in a cell is the expert id; a grey cell with a cross is a dropped pair.
     """
     e_local = check_world_size(num_experts, world_size)
-    fig, axes = plt.subplots(1, world_size, figsize=(2.2 + 1.6 * world_size, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, world_size, figsize=(1.0 + 2.6 * world_size, 4.2), squeeze=False)
     for src, ax in enumerate(axes[0]):
         idx = to_numpy(topk_indices_per_rank[src]).astype(int)  # [T, K]
         keep = np.ones_like(idx, dtype=bool) if keep_per_rank is None else to_numpy(keep_per_rank[src]) > 0
@@ -56,15 +56,18 @@ def plot_token_routes(
         ax.set_xlim(0, top_k)
         ax.set_ylim(max(tokens, 1), 0)
         ax.set_xticks([k + 0.47 for k in range(top_k)], labels=[f"choice {k + 1}" for k in range(top_k)])
-        ax.set_yticks(range(tokens) if tokens <= 16 else [])
+        ax.set_yticks(
+            [t + 0.45 for t in range(tokens)] if tokens <= 16 else [],
+            labels=[str(t) for t in range(tokens)] if tokens <= 16 else [],
+        )
         ax.set_ylabel("token" if src == 0 else "")
         ax.set_title(f"tokens on rank {src}", color=rank_color(src))
         for side in ("left", "bottom"):
             ax.spines[side].set_visible(False)
         ax.tick_params(length=0)
     fig.legend(handles=_rank_legend(world_size), loc="lower center", ncol=world_size, frameon=False)
-    fig.suptitle("Where each (token, choice) goes: colour = rank that owns the expert (number)")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.suptitle("Where each (token, choice) goes\ncolour = rank that owns the expert (the number)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return close(fig)
 
 
@@ -148,19 +151,12 @@ def plot_scale(
     ax.plot(world_sizes, fwd, "o-", color=PALETTE[0], label="forward (dispatch + combine)")
     ax.plot(world_sizes, [2 * f for f in fwd], "s--", color=PALETTE[3], label="training step (+ backward)")
     limit = 2 * config.num_experts_per_tok * config.hidden_size * elem_size / 1024
-    ax.axhline(limit, color="grey", linestyle=":", label=f"limit 2·K·H·bytes = {limit:.0f} KiB")
-    for w, f, r in zip(world_sizes, fwd, rows):
-        ax.annotate(
-            f"{r['experts_per_rank']} experts/GPU",
-            (w, f),
-            textcoords="offset points",
-            xytext=(0, -14),
-            ha="center",
-            fontsize=8,
-        )
+    ax.axhline(limit, color="grey", linestyle=":", label=f"forward limit 2·K·H·bytes = {limit:.0f} KiB")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(world_sizes), labels=[str(w) for w in world_sizes])
-    ax.set_xlabel("GPUs sharing the experts (EP degree)")
+    labels = [f"{w}\n{r['experts_per_rank']} exp." for w, r in zip(world_sizes, rows)]
+    ax.set_xticks(list(world_sizes), labels=labels)
+    ax.minorticks_off()
+    ax.set_xlabel("GPUs sharing the experts (EP degree) and experts per GPU")
     ax.set_ylabel("KiB per token per layer")
     ax.set_ylim(0, limit * 2.3)
     ax.set_title(f"{name}: all-to-all bytes per token per MoE layer (bf16)")
