@@ -105,7 +105,13 @@ def test_sweep_and_summary():
     res = run_sweep([("none", None), ("aux", 0.1)], steps=3)
     assert list(res) == ["no balancing", "aux loss (Switch), α=0.1"]
     s = res["no balancing"].summary()
-    assert set(s) == {"method", "MaxVio_batch", "MaxVio_global", "task loss (last 20 steps)", "held-out task loss"}
+    assert set(s) == {
+        "method",
+        "MaxVio_batch",
+        "MaxVio_global",
+        "task loss (last 20 steps)",
+        "held-out task loss",
+    }
 
 
 def test_task_sample_shapes():
