@@ -59,6 +59,11 @@ def _suite() -> dict:
                 results[world, name] = run_check(
                     CFG, tokens(world), SEED, skew, cf, group=group, return_tensors=True
                 )
+        elif world == 2:
+            try:
+                EPMoE(CFG, group)  # rank 2 or 3 is not in the group [0, 1]
+            except ValueError as exc:
+                results["not_a_member"] = str(exc)
         dist.barrier()
     try:
         EPMoE(preset("tiny", n_routed_experts=6))  # 4 ranks cannot share 6 experts
@@ -139,7 +144,7 @@ def test_outputs_and_grads_equal_single_process(runs, world, name):
         for n, g in grads.items():
             torch.testing.assert_close(ranks[r]["grads"][n], g, atol=1e-5, rtol=1e-5, msg=n)
         # the ranks' own comparison agrees
-        assert ranks[r]["max_out_err"] < 1e-5 and ranks[r]["max_grad_err"] < 1e-5
+        assert ranks[r]["close"] and ranks[r]["max_out_err"] < 1e-5 and ranks[r]["max_grad_err"] < 1e-5
 
 
 def test_skewed_routing_gives_uneven_and_empty_splits(runs):
@@ -198,6 +203,7 @@ def test_stats_are_consistent(runs, world, name):
 def test_world_size_must_divide_experts(runs):
     msg = runs["world_size_error"][0]
     assert "world_size=4" in msg and "n_routed_experts=6" in msg and "[1, 2, 3, 6]" in msg
+    assert set(runs["not_a_member"]) == {2, 3} and "not a member" in runs["not_a_member"][2]
     with pytest.raises(ValueError, match=r"world_size=3 .*n_routed_experts=8.*\[1, 2, 4, 8\]"):
         check_world_size(8, 3)
     with pytest.raises(ValueError, match="world_size=0"):
@@ -311,3 +317,25 @@ def test_exercise_checks_accept_the_reference_and_name_mistakes():
     assert check_send_matrix(not_done).status == "not done"
     assert check_dispatch_bytes(a2a_bytes_formula).passed
     assert "(W-1)/W" in repr(check_dispatch_bytes(lambda t, k, h, w, b: float(t * k * h * b)))
+
+
+def test_figures_draw(runs):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from glm4moe_lib.viz import parallel as vp
+
+    ranks = runs[4, "capacity"]
+    stats = [ranks[r]["stats"] for r in range(4)]
+    figs = [
+        vp.plot_token_routes(
+            [ranks[r]["topk_indices"] for r in range(4)], 8, 4, [ranks[r]["keep"] for r in range(4)]
+        ),
+        vp.plot_traffic_matrix(vp.traffic_from_stats(stats)),
+        vp.plot_rank_load(stats, title="capacity"),
+        vp.plot_comm_volume([2, 4], [1.0, 2.0], [1.5, 2.5]),
+        vp.plot_scale(preset("glm4.5"), [2, 8, 160]),
+    ]
+    assert all(isinstance(f, Figure) for f in figs)
+    assert not plt.get_fignums()  # returned closed, shown once by the notebook
+    assert torch.equal(vp.traffic_from_stats(stats), torch.tensor([s["sent"] for s in stats]))
