@@ -198,7 +198,11 @@ def _a2a_raw(
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single whose backward is the all-to-all with the split sizes swapped."""
+    """all_to_all_single whose backward is the all-to-all with the split sizes swapped.
+
+    ``torch.distributed.nn.functional.all_to_all_single`` does the same but is deprecated in
+    torch 2.13 (a FutureWarning); this one also turns a failed collective into ExpertParallelError.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group, what: str):
@@ -342,6 +346,10 @@ class EPMoE(nn.Module):
     all ranks' tokens. ``capacity_factor`` (None: dropless) caps the pairs each expert accepts
     from each rank; dropped pairs contribute nothing (the shared expert still runs).
     Without an initialized process group the layer runs alone (world size 1).
+
+    Every rank of the group must call forward (and backward) together, with inputs that agree on
+    ``requires_grad``: the all-to-alls are collectives, and a rank that skips one makes the others
+    fail after the process group's timeout.
     """
 
     def __init__(
@@ -401,8 +409,9 @@ class EPMoE(nn.Module):
         if self.world_size == 1:
             return
         for _, p in self.replicated_parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.group)
+            if p.grad is None:  # every rank must take part in every all_reduce
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.group)
 
     @torch.no_grad()
     def gather_full_grads(self) -> dict[str, Tensor]:

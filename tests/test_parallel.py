@@ -65,6 +65,12 @@ def _suite() -> dict:
             except ValueError as exc:
                 results["not_a_member"] = str(exc)
         dist.barrier()
+    # a training step's gradient sync: replicated grads summed over the 4 ranks
+    moe, xs, gs = make_inputs(CFG, CASES["random"][0](4), SEED)
+    ep = EPMoE.from_moe(moe)
+    (ep(xs[rank]) * gs[rank]).sum().backward()
+    ep.allreduce_replicated_grads()
+    results["replicated_grads"] = {n: p.grad for n, p in ep.replicated_parameters()}
     try:
         EPMoE(preset("tiny", n_routed_experts=6))  # 4 ranks cannot share 6 experts
     except ValueError as exc:
@@ -145,6 +151,15 @@ def test_outputs_and_grads_equal_single_process(runs, world, name):
             torch.testing.assert_close(ranks[r]["grads"][n], g, atol=1e-5, rtol=1e-5, msg=n)
         # the ranks' own comparison agrees
         assert ranks[r]["close"] and ranks[r]["max_out_err"] < 1e-5 and ranks[r]["max_grad_err"] < 1e-5
+
+
+def test_allreduce_replicated_grads_sums_over_ranks(runs):
+    _, _, grads, _ = reference("random", 4)
+    for r in range(4):
+        got = runs["replicated_grads"][r]
+        assert set(got) == {n for n in grads if not n.startswith("experts.")}
+        for n, g in got.items():
+            torch.testing.assert_close(g, grads[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
 def test_skewed_routing_gives_uneven_and_empty_splits(runs):
