@@ -119,3 +119,16 @@ def test_capacity_explorer_redraws(routing):
     assert "0 of 128 pairs dropped" in box.figure.axes[0].get_title()
     box.controls["routing"].value = "skewed"
     assert box.redraw_count == 3
+
+
+def test_group_selection_figure():
+    from glm4moe_lib import MoEConfig, group_limited_mask, route
+
+    logits = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    cfg = MoEConfig(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    r = route(logits, cfg)
+    keep = group_limited_mask(r.scores, 4, 2)
+    fig = vb.plot_group_selection(r.scores, keep, r.topk_indices, 4, [f"t{i}" for i in range(6)])
+    assert isinstance(fig, Figure)
+    with pytest.raises(ValueError, match="n_group=5"):
+        vb.plot_group_selection(r.scores, keep, r.topk_indices, 5)

@@ -224,3 +224,40 @@ def plot_layer_loads(
     if e <= 32:
         ax.set_xticks(range(e))
     return close(fig)
+
+
+def plot_group_selection(
+    choice: torch.Tensor,
+    keep: torch.Tensor,
+    topk_indices: torch.Tensor,
+    n_group: int,
+    tokens: Sequence[str] | None = None,
+) -> Figure:
+    """Group-limited routing as a picture: the selection scores [T, E] (scores + bias), the groups
+    each token may not use greyed out, group borders as white lines, and the chosen experts dotted."""
+    c, m = to_numpy(choice), to_numpy(keep).astype(bool)
+    t, e = c.shape
+    if m.shape != c.shape:
+        raise ValueError(f"keep has shape {m.shape}: it must match choice {c.shape}")
+    if e % n_group != 0:
+        raise ValueError(f"n_group={n_group} is not allowed: it must divide the {e} experts")
+    shown = np.where(m, c, np.nan)
+    fig, ax = plt.subplots(figsize=(min(12, 3 + 0.5 * e), 1.5 + 0.32 * t), layout="constrained")
+    ax.imshow(np.where(m, np.nan, 1.0), aspect="auto", cmap="Greys", vmin=0, vmax=4, interpolation="nearest")
+    im = heatmap(
+        ax,
+        shown,
+        xlabel="expert",
+        ylabel="token",
+        title=f"Group-limited selection: {n_group} groups of {e // n_group}; grey = group not kept",
+        yticklabels=list(tokens) if tokens is not None else None,
+    )
+    im.colorbar.set_label("score + bias")
+    for b in range(1, n_group):
+        ax.axvline(b * e // n_group - 0.5, color="white", lw=3)
+    idx = to_numpy(topk_indices).astype(int)
+    rows = np.repeat(np.arange(t), idx.shape[1])
+    ax.scatter(idx.reshape(-1), rows, s=30, c="white", edgecolors="black", linewidths=0.8, label="chosen")
+    ax.set_xticks(range(e))
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.12), fontsize=9)
+    return close(fig)
