@@ -724,6 +724,7 @@ def launch_outcomes(
         raise ValueError(f"world_size={world_size!r} is not allowed: it must be a positive integer")
     if start_method is None:  # fork is much faster (no re-import of torch) but unsafe once CUDA is up
         fork_ok = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
+        fork_ok = fork_ok and not (dist.is_available() and dist.is_initialized())
         start_method = "fork" if fork_ok else "spawn"
     ctx = mp.get_context(start_method)
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)

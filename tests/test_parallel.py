@@ -87,9 +87,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _launch_suite() -> list:
+    return launch(_suite, 4, timeout_s=120, pg_timeout_s=30)
+
+
 @pytest.fixture(scope="module")
-def runs() -> dict:
-    per_rank = launch(_suite, 4, timeout_s=120, pg_timeout_s=30)
+def runs(request, tmp_path_factory) -> dict:
+    if hasattr(request.config, "workerinput"):  # pytest-xdist: launch once, share with the other workers
+        import fcntl
+
+        shared = tmp_path_factory.getbasetemp().parent  # this session's folder, common to the workers
+        with open(shared / "ep_suite.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = shared / "ep_suite.pt"
+            if not path.exists():
+                torch.save(_launch_suite(), path)
+            per_rank = torch.load(path, weights_only=False)
+    else:
+        per_rank = _launch_suite()
     merged: dict = {}
     for rank, res in enumerate(per_rank):
         for key, value in res.items():
@@ -299,6 +314,7 @@ def test_dead_rank_stops_the_others(sleep_s):
 # ---- the torchrun entry point ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_demo():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
