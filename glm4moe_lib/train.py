@@ -46,20 +46,26 @@ from torch import Tensor, nn
 from .balance import expert_load, load_balancing_loss, max_violation, update_bias
 from .data import Batch, BatchLoader, ByteTokenizer, Corpus, eval_batches, load_corpus, split_corpus
 from .model import GLMMoEModel, ModelConfig, model_preset
+from .router import RouterOutput
 
 __all__ = [
     "BALANCE_MODES",
+    "DOMAIN_PROMPTS",
     "TRAIN_PRESETS",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
     "build_model",
     "collect_routing",
+    "domain_expert_information",
+    "domain_samples",
     "evaluate",
     "generate",
     "load_checkpoint",
     "lr_at",
     "main",
+    "model_from_checkpoint",
+    "route_text",
     "save_checkpoint",
     "specialization_matrix",
     "train",
@@ -164,7 +170,7 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20, eval_interval=50),
     "small": dict(
-        steps=1200, batch_size=32, seq_len=128, lr=2e-3, warmup_steps=50, eval_interval=100, eval_batches=8
+        steps=800, batch_size=32, seq_len=128, lr=2e-3, warmup_steps=50, eval_interval=100, eval_batches=8
     ),
 }
 
@@ -270,6 +276,21 @@ def specialization_matrix(topk_indices: Tensor, domain_ids: Tensor, n_domains: i
     flat = dom * n_experts + topk_indices.reshape(-1)  # [T*K] index into D*E cells
     counts = torch.bincount(flat, minlength=n_domains * n_experts).float().view(n_domains, n_experts)
     return counts / counts.sum(1, keepdim=True).clamp_min(1)
+
+
+def domain_expert_information(matrix: Tensor) -> float:
+    """Mutual information (bits) between a pick's domain and its expert, domains weighted equally.
+
+    ``matrix`` [D, E] is a specialization matrix (rows sum to 1). 0 bits: every domain uses the
+    experts alike; log2(D) bits: the expert alone tells which domain a token came from.
+    """
+    m = torch.as_tensor(matrix, dtype=torch.float64)
+    m = m[m.sum(1) > 0]
+
+    def entropy(p: Tensor) -> Tensor:
+        return -(p * p.clamp_min(1e-30).log2()).sum(-1)
+
+    return float(entropy(m.mean(0)) - entropy(m).mean())
 
 
 @torch.no_grad()
@@ -588,6 +609,46 @@ def generate(
     return tok.decode(out[0, ids.shape[1] :])
 
 
+#: One prompt per corpus domain, for samples.
+DOMAIN_PROMPTS = {
+    "prose": "The old ",
+    "math": "17 + 25 = ",
+    "code": "def total_3(xs, n):\n",
+    "records": '{"id": ',
+}
+
+
+def domain_samples(model: GLMMoEModel, max_new_tokens: int = 120, seed: int = 0) -> dict[str, str]:
+    """A seeded continuation of each domain's prompt (prompt included)."""
+    return {d: p + generate(model, p, max_new_tokens, seed=seed) for d, p in DOMAIN_PROMPTS.items()}
+
+
+@torch.no_grad()
+def route_text(model: GLMMoEModel, text: str) -> tuple[list[str], list[RouterOutput | None]]:
+    """Route every byte of ``text``: its printable tokens, and per layer the RouterOutput with one
+    row per token (None for dense layers). A text longer than the context is cut into windows of
+    ``max_position_embeddings`` bytes, each run on its own."""
+    tok = ByteTokenizer()
+    ids = tok.encode(text)  # [T]
+    if len(ids) == 0:
+        raise ValueError("text='' is not allowed: give at least one character")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks: list[list[RouterOutput | None]] = []
+    for window in ids.split(model.config.max_position_embeddings):
+        with _autocast(device):
+            chunks.append(model(window[None].to(device), return_routing=True).routing)
+    model.train(was_training)
+    routing: list[RouterOutput | None] = []
+    for layer in zip(*chunks):
+        if layer[0] is None:
+            routing.append(None)
+        else:
+            routing.append(RouterOutput(*(torch.cat(parts) for parts in zip(*layer))))
+    return [tok.token_str(i) for i in ids.tolist()], routing
+
+
 # ---- command line --------------------------------------------------------------------------------
 
 
@@ -614,7 +675,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json and checkpoint.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--sample", default="", help="after training, print a sample continuing this prompt")
+    p.add_argument("--samples", type=int, default=120, help="bytes sampled per domain prompt at the end")
     return p
 
 
@@ -655,10 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     for domain, loss in last["val_loss_per_domain"].items():
         print(f"  {domain:8s} val loss {loss:.4f}")
     print(f"trained in {result.metrics['train_seconds']:.1f} s")
+    if args.samples > 0:
+        result.metrics["samples"] = domain_samples(result.model, args.samples)
+        for domain, text in result.metrics["samples"].items():
+            print(f"--- sample ({domain}) ---\n{text}")
     if cfg.out_dir:
+        _write_metrics(Path(cfg.out_dir) / METRICS_NAME, result.metrics)
         print(f"metrics: {Path(cfg.out_dir) / METRICS_NAME}  checkpoint: {result.checkpoint}")
-    if args.sample:
-        print(repr(generate(result.model, args.sample, 200)))
     return 0
 
 

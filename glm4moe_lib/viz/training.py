@@ -1,0 +1,285 @@
+"""Figures for lesson 08: training curves, per-domain losses, expert specialization, per-token routing.
+
+Every ``plot_*`` function returns a closed matplotlib Figure (display it once in the notebook).
+``routing_html`` returns HTML: one coloured span per token, coloured by the token's first-choice
+expert with the Okabe–Ito palette (colour-blind-safe), with a legend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from html import escape
+from typing import Any
+
+import matplotlib.colors as mcolors
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .core import CMAP, PALETTE, close, heatmap, to_numpy
+
+__all__ = [
+    "char_classes",
+    "plot_corpus_stats",
+    "expert_colors",
+    "plot_domain_losses",
+    "plot_loss_curves",
+    "plot_max_vio",
+    "plot_routing_text",
+    "plot_specialization",
+    "routing_html",
+    "smooth",
+]
+
+
+def smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
+    """Trailing moving average (the first points average what is there)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _runs(metrics: Mapping[str, Any] | Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Accept one run's metrics or {label: metrics}."""
+    if "train" in metrics and "eval" in metrics:
+        return {"run": metrics}
+    return dict(metrics)
+
+
+def plot_loss_curves(
+    metrics: Mapping[str, Any], *, window: int = 10, title: str = "Training and validation loss"
+) -> Figure:
+    """Train loss (smoothed line) and validation loss (markers) against step, one colour per run."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, (label, m) in enumerate(_runs(metrics).items()):
+        color = PALETTE[i % len(PALETTE)]
+        steps = [r["step"] for r in m["train"]]
+        ax.plot(steps, smooth([r["loss"] for r in m["train"]], window), color=color, label=f"{label}: train")
+        ev = m["eval"]
+        ax.plot(
+            [e["step"] for e in ev],
+            [e["val_loss"] for e in ev],
+            "o--",
+            color=color,
+            markersize=6,
+            label=f"{label}: validation",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return close(fig)
+
+
+def plot_domain_losses(metrics: Mapping[str, Any], *, title: str = "Validation loss per domain") -> Figure:
+    """Grouped bars: the final validation loss of each domain, one bar per run."""
+    runs = _runs(metrics)
+    domains = list(next(iter(runs.values()))["eval"][-1]["val_loss_per_domain"])
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.8 / len(runs)
+    x = np.arange(len(domains))
+    for i, (label, m) in enumerate(runs.items()):
+        per = m["eval"][-1]["val_loss_per_domain"]
+        vals = [per[d] for d in domains]
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=label, color=PALETTE[i % 8])
+        ax.bar_label(bars, fmt="%.2f", fontsize=9)
+    ax.set_xticks(x, labels=domains)
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return close(fig)
+
+
+def plot_max_vio(
+    metrics: Mapping[str, Any], *, window: int = 20, title: str = "Load imbalance (MaxVio)"
+) -> Figure:
+    """MaxVio of every MoE layer during training (smoothed), one panel per run."""
+    runs = {k: v for k, v in _runs(metrics).items() if v["train"] and v["train"][0]["max_vio"]}
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs) + 1, 3.6), squeeze=False, sharey=True)
+    for ax, (label, m) in zip(axes[0], runs.items()):
+        steps = [r["step"] for r in m["train"]]
+        vio = np.array([r["max_vio"] for r in m["train"]])  # [steps, moe layers]
+        first = m["model_config"]["first_k_dense_replace"]
+        for j in range(vio.shape[1]):
+            ax.plot(steps, smooth(vio[:, j], window), color=PALETTE[j % 8], label=f"layer {first + j}")
+        ax.set_title(f"{label}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("MaxVio (0 = balanced)")
+    axes[0, -1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return close(fig)
+
+
+def plot_specialization(
+    matrices: Sequence[Any],
+    domains: Sequence[str],
+    *,
+    layer_ids: Sequence[int] | None = None,
+    title: str = "Which experts each domain's tokens go to",
+) -> Figure:
+    """One domain × expert heatmap per MoE layer: the share of each domain's picks per expert.
+
+    A uniform router gives 1/E in every cell; bright cells are experts a domain prefers.
+    """
+    mats = [to_numpy(m) for m in matrices]
+    n_experts = mats[0].shape[1]
+    layer_ids = list(layer_ids) if layer_ids is not None else list(range(len(mats)))
+    vmax = max(float(m.max()) for m in mats)
+    fig, axes = plt.subplots(
+        1, len(mats), figsize=(4.2 * len(mats) + 1.2, 0.5 * len(domains) + 2.2), squeeze=False
+    )
+    for j, (ax, m) in enumerate(zip(axes[0], mats)):
+        heatmap(
+            ax,
+            m,
+            xlabel="expert",
+            title=f"MoE layer {layer_ids[j]}",
+            vmin=0,
+            vmax=vmax,
+            colorbar=j == len(mats) - 1,
+            yticklabels=domains if j == 0 else [""] * len(domains),
+            xticklabels=[str(e) for e in range(n_experts)] if n_experts <= 16 else None,
+        )
+        best = m.argmax(1)
+        for d, e in enumerate(best):
+            ax.text(e, d, "★", ha="center", va="center", color="white", fontsize=9)
+    fig.suptitle(f"{title}  (uniform = 1/{n_experts} = {1 / n_experts:.3f}; ★ = favourite)")
+    fig.tight_layout()
+    return close(fig)
+
+
+CHAR_CLASSES = ("letters", "digits", "spaces", "newlines", "punctuation")
+
+
+def char_classes(text: str) -> dict[str, float]:
+    """Share of letters, digits, spaces, newlines and everything else in ``text``."""
+    n = max(len(text), 1)
+    letters = sum(c.isalpha() for c in text)
+    digits = sum(c.isdigit() for c in text)
+    spaces = text.count(" ")
+    newlines = text.count("\n")
+    other = len(text) - letters - digits - spaces - newlines
+    return dict(zip(CHAR_CLASSES, (letters / n, digits / n, spaces / n, newlines / n, other / n)))
+
+
+def plot_corpus_stats(texts: Mapping[str, str], *, title: str = "What each domain is made of") -> Figure:
+    """Stacked horizontal bars: the character classes of every domain."""
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(texts) + 1.6))
+    left = np.zeros(len(texts))
+    names = list(texts)
+    shares = [char_classes(t) for t in texts.values()]
+    for i, cls in enumerate(CHAR_CLASSES):
+        vals = np.array([s[cls] for s in shares])
+        ax.barh(names, vals, left=left, color=PALETTE[i], label=cls)
+        left += vals
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of bytes")
+    ax.set_title(title)
+    ax.legend(ncols=len(CHAR_CLASSES), loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    fig.tight_layout()
+    return close(fig)
+
+
+# ---- per-token routing as coloured text ----------------------------------------------------------
+
+
+def expert_colors(n_experts: int) -> list[str]:
+    """One colour per expert: Okabe–Ito for up to 8 experts, else evenly spaced viridis colours."""
+    if n_experts <= len(PALETTE):
+        return PALETTE[:n_experts]
+    cmap = plt.get_cmap(CMAP)
+    return [mcolors.to_hex(cmap(i / max(n_experts - 1, 1))) for i in range(n_experts)]
+
+
+def _text_color(background: str) -> str:
+    r, g, b = mcolors.to_rgb(background)
+    return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#FFFFFF"
+
+
+def routing_html(tokens: Sequence[str], experts: Sequence[int], n_experts: int, *, title: str = "") -> str:
+    """HTML: each token in a span coloured by its (first-choice) expert, then a legend.
+
+    ``tokens`` are printable token strings (``ByteTokenizer.token_str``), ``experts`` [T] ints.
+    """
+    colors = expert_colors(n_experts)
+    spans = []
+    for tok, e in zip(tokens, experts):
+        bg = colors[int(e)]
+        text = escape(tok).replace(" ", "&nbsp;")
+        spans.append(
+            f'<span title="expert {int(e)}" style="background:{bg};color:{_text_color(bg)};'
+            f'font-family:monospace;padding:1px 0">{text}</span>'
+        )
+        if tok == "⏎":
+            spans.append("<br>")
+    legend = " ".join(
+        f'<span style="background:{c};color:{_text_color(c)};font-family:monospace;padding:1px 4px">'
+        f"expert {e}</span>"
+        for e, c in enumerate(colors)
+    )
+    head = f"<b>{escape(title)}</b><br>" if title else ""
+    return f'<div style="line-height:1.9">{head}{"".join(spans)}<br><br>{legend}</div>'
+
+
+def plot_routing_text(
+    tokens: Sequence[str],
+    experts: Sequence[int],
+    n_experts: int,
+    *,
+    title: str = "",
+    chars_per_line: int = 60,
+) -> Figure:
+    """The static twin of ``routing_html``: the text drawn in a grid of cells coloured by expert."""
+    colors = expert_colors(n_experts)
+    lines: list[list[tuple[str, int]]] = [[]]
+    for tok, e in zip(tokens, experts):
+        if len(lines[-1]) >= chars_per_line:
+            lines.append([])
+        lines[-1].append((tok, int(e)))
+        if tok == "⏎":
+            lines.append([])
+    lines = [ln for ln in lines if ln]
+    width = max(len(ln) for ln in lines)
+    fig, ax = plt.subplots(figsize=(max(0.16 * width, 7), 0.3 * len(lines) + 1.3))
+    for row, ln in enumerate(lines):
+        for col, (tok, e) in enumerate(ln):
+            ax.add_patch(plt.Rectangle((col, -row - 1), 1, 1, color=colors[e], linewidth=0))
+            ax.text(
+                col + 0.5,
+                -row - 0.5,
+                tok,
+                ha="center",
+                va="center",
+                family="monospace",
+                fontsize=10,
+                color=_text_color(colors[e]),
+            )
+    handles = [Patch(color=c, label=f"expert {e}") for e, c in enumerate(colors)]
+    ax.legend(
+        handles=handles,
+        ncols=min(n_experts, 8),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        frameon=False,
+        fontsize=9,
+        handlelength=1.2,
+        columnspacing=0.8,
+    )
+    ax.set_xlim(0, width)
+    ax.set_ylim(-len(lines), 0)
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return close(fig)
