@@ -250,3 +250,43 @@ def test_check_specialization_matrix():
     r = check_specialization_matrix(_spec_columns)
     assert not r.passed and "column" in r.message
     assert not check_specialization_matrix(lambda *a: torch.zeros(2, 4)).passed
+
+
+# ---- lesson 08 figures and widget ------------------------------------------------------------------
+
+
+def test_routing_text_views_and_plots(corpus):
+    from matplotlib.figure import Figure
+
+    from glm4moe_lib.model import GLMMoEModel, model_preset
+    from glm4moe_lib.train import route_text
+    from glm4moe_lib.viz import training as vt
+    from glm4moe_lib.widgets.training import first_choice_experts, routing_explorer
+
+    torch.manual_seed(0)
+    model = GLMMoEModel(model_preset("tiny"))
+    text = "17 + 25 = 42\n" * 10  # 130 bytes: longer than the 64-byte context
+    tokens, routing = route_text(model, text)
+    assert len(tokens) == 130 and routing[0] is None and routing[1].topk_indices.shape == (130, 2)
+    tokens, firsts = first_choice_experts(model, text)
+    assert sorted(firsts) == [1, 2] and all(0 <= e < 8 for e in firsts[1])
+    html = vt.routing_html(tokens, firsts[1], 8)
+    assert html.count('title="expert') == 130 and "#0072B2" in html
+    assert isinstance(vt.plot_routing_text(tokens, firsts[1], 8), Figure)
+    box = routing_explorer(model, {"math": text, "hi": "hello"})
+    assert box.redraw_count == 1
+    box.controls["layer"].value = 2
+    box.controls["text"].value = "hi"
+    assert box.redraw_count == 3 and box.view.value.count('title="expert') == 5
+    with pytest.raises(ValueError, match="layer=0 is not allowed"):
+        routing_explorer(model, {"a": "x"}, layer=0)
+    run = train(_cfg(steps=4, eval_interval=2), corpus=corpus)
+    for fig in (
+        vt.plot_loss_curves({"a": run.metrics, "b": run.metrics}),
+        vt.plot_domain_losses(run.metrics),
+        vt.plot_max_vio(run.metrics),
+        vt.plot_specialization(run.metrics["eval"][-1]["specialization"], corpus.domains),
+        vt.plot_corpus_stats({"x": "ab 12\n{}"}),
+    ):
+        assert isinstance(fig, Figure)
+    assert len(vt.expert_colors(16)) == 16
