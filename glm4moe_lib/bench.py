@@ -1,0 +1,405 @@
+"""Benchmark one MoE layer against its physical limit and against transformers' ``Glm4MoeMoE``.
+
+``python -m glm4moe_lib.bench`` (full run, a few minutes on a 2-core CPU) or ``--quick`` (seconds)
+times, side by side in one process and interleaved round by round (so a noisy machine slows every
+contender alike):
+
+* this library's :class:`~glm4moe_lib.moe.MoE` with each dispatch strategy (``lib:<strategy>``),
+* transformers' ``Glm4MoeMoE`` with ``experts_implementation`` "eager" and "grouped_mm"
+  (``hf:<impl>``), loaded with the same weights,
+* the limit: the larger of (a) the layer's active FLOPs run as plain dense GEMMs of the same total
+  sizes (router, shared expert, and the routed experts as one [T·K, H] GEMM each way) and (b)
+  reading the weights of every touched expert once (router + shared expert + each routed expert
+  that got a token). For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
+  also writes each touched weight's gradient once.
+
+for forward (under ``torch.no_grad``) and forward+backward (gradients of the input and all
+weights), T tokens, balanced and skewed routing; fp32 on CPU, bf16 on CUDA. It prints a table and
+writes JSON (and a markdown table) with each time and its ratio to the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import PRESETS, MoEConfig
+from .dispatch import STRATEGIES, choose_strategy
+from .moe import MoE
+
+FULL_TOKENS = (1, 16, 64, 256, 1024, 4096)
+QUICK_TOKENS = (1, 16, 256)
+ROUTINGS = ("balanced", "skewed")
+MODES = ("forward", "fwd+bwd")
+HF_IMPLS = ("eager", "grouped_mm")
+#: the library strategies timed by default ("dense" is O(T·E) work: only up to DENSE_MAX_TOKENS)
+LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "dense")
+DENSE_MAX_TOKENS = 64
+#: skewed routing: selection bias SKEW_BIAS * exp(-e / SKEW_DECAY) on expert e (a few hot experts)
+SKEW_BIAS = 0.5
+SKEW_DECAY = 8.0
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+# ---- the contenders ------------------------------------------------------------------------------
+def build_layers(config: MoEConfig, device: torch.device, dtype: torch.dtype, hf_impls: Sequence[str]):
+    """The library layer (seeded init) and transformers' layers loaded with the same weights."""
+    torch.manual_seed(0)
+    lib = MoE(config).to(device=device, dtype=dtype)
+    hf_layers: dict[str, torch.nn.Module] = {}
+    if hf_impls:
+        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+        for impl in hf_impls:
+            hf_cfg = config.to_hf()
+            hf_cfg._experts_implementation = impl
+            layer = Glm4MoeMoE(hf_cfg).to(device=device, dtype=dtype)
+            layer.load_state_dict(lib.state_dict())
+            hf_layers[impl] = layer
+    return lib, hf_layers
+
+
+def set_routing(layers: Sequence[torch.nn.Module], routing: str) -> None:
+    """Balanced: zero selection bias (random init spreads tokens evenly); skewed: a few hot experts."""
+    for layer in layers:
+        bias = layer.gate.e_score_correction_bias
+        if routing == "balanced":
+            bias.zero_()
+        elif routing == "skewed":
+            e = torch.arange(bias.numel(), device=bias.device, dtype=torch.float32)
+            bias.copy_(SKEW_BIAS * torch.exp(-e / SKEW_DECAY))
+        else:
+            raise ValueError(f"routing={routing!r} is not allowed: use one of {ROUTINGS}")
+
+
+def _layer_step(layer: torch.nn.Module, x: Tensor, mode: str, grad_out: Tensor) -> Callable[[], None]:
+    if mode == "forward":
+
+        def step() -> None:
+            with torch.no_grad():
+                layer(x)
+
+    else:
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def step() -> None:
+            xg = x.detach().requires_grad_(True)
+            layer(xg).backward(grad_out)
+            for p in params:  # as optimizer.zero_grad(set_to_none=True)
+                p.grad = None
+
+    return step
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def limit_steps(config: MoEConfig, tokens: int, touched: int, mode: str, device, dtype):
+    """Two callables: (a) the active FLOPs as dense GEMMs, (b) the touched weights' bytes.
+
+    Returns ``(flops_step, bytes_step, flops, nbytes)``.
+    """
+    h, i, e, k = (
+        config.hidden_size,
+        config.moe_intermediate_size,
+        config.n_routed_experts,
+        config.num_experts_per_tok,
+    )
+    i_s = config.shared_intermediate_size
+    # (M, K, N) of every forward GEMM: router, shared gate_up + down, routed gate_up + down
+    shapes = [(tokens, h, e)]
+    if i_s:
+        shapes += [(tokens, h, 2 * i_s), (tokens, i_s, h)]
+    shapes += [(tokens * k, h, 2 * i), (tokens * k, i, h)]
+    shapes = [s for s in shapes if s[0] > 0]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    gemms: list[tuple[Tensor, Tensor, Tensor]] = []  # (a, b, out) with out = a @ b
+    for m, kk, n in shapes:
+        a, b, g = rand(m, kk), rand(kk, n), rand(m, n)
+        gemms.append((a, b, torch.empty(m, n, device=device, dtype=dtype)))
+        if mode != "forward":  # dA = G @ B^T, dB = A^T @ G
+            gemms.append((g, b.t(), torch.empty(m, kk, device=device, dtype=dtype)))
+            gemms.append((a.t(), g, torch.empty(kk, n, device=device, dtype=dtype)))
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in gemms)
+
+    def flops_step() -> None:
+        for a, b, out in gemms:
+            torch.mm(a, b, out=out)
+
+    n_weights = e * h + 3 * h * i_s + touched * 3 * h * i
+    src = rand(n_weights)
+    dst = torch.empty_like(src) if mode != "forward" else None
+    nbytes = n_weights * _elem(dtype) * (1 if dst is None else 2)
+
+    def bytes_step() -> None:
+        if dst is None:
+            src.sum()  # read once
+        else:
+            dst.copy_(src)  # read the weights once, write their gradients once
+
+    return flops_step, bytes_step, flops, nbytes
+
+
+# ---- timing --------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _calibrate(step: Callable[[], None], device, min_sample_s: float) -> int:
+    """Calls per timed sample so that one sample lasts at least ``min_sample_s``."""
+    step()
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(1000, math.ceil(min_sample_s / dt)))
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], device, repeats: int, min_sample_s: float
+) -> dict[str, dict[str, float]]:
+    """Time every step ``repeats`` times, round-robin; per-call min and median in seconds."""
+    calls = {name: _calibrate(step, device, min_sample_s) for name, step in steps.items()}
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / calls[name])
+    return {
+        name: {"min_s": min(s), "median_s": statistics.median(s), "calls_per_sample": calls[name]}
+        for name, s in samples.items()
+    }
+
+
+# ---- one run -------------------------------------------------------------------------------------
+def run(
+    tokens: Sequence[int] = FULL_TOKENS,
+    routings: Sequence[str] = ROUTINGS,
+    modes: Sequence[str] = MODES,
+    config: MoEConfig | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    strategies: Sequence[str] = LIB_STRATEGIES,
+    hf_impls: Sequence[str] = HF_IMPLS,
+    repeats: int = 5,
+    min_sample_s: float = 0.02,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark and return the results as a JSON-ready dict (see the module docstring)."""
+    config = config or PRESETS["bench"]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for s in strategies:
+        if s != "auto" and s not in STRATEGIES:
+            raise ValueError(f"strategies contains {s!r}: use 'auto' or one of {sorted(STRATEGIES)}")
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes contains {m!r}: use one of {MODES}")
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:  # the benchmark still runs, without the transformers contenders
+        hf_version, hf_impls = None, ()
+    lib, hf_layers = build_layers(config, device, dtype, hf_impls)
+    rows: list[dict[str, Any]] = []
+    started = time.time()
+    for routing in routings:
+        set_routing([lib, *hf_layers.values()], routing)
+        for t in tokens:
+            gen = torch.Generator(device="cpu").manual_seed(seed + t)
+            x = torch.randn(t, config.hidden_size, generator=gen).to(device=device, dtype=dtype)
+            grad_out = torch.randn(t, config.hidden_size, generator=gen).to(device=device, dtype=dtype)
+            with torch.no_grad():
+                ref, routing_out = lib(x, return_routing=True)
+                counts = torch.bincount(routing_out.topk_indices.flatten(), minlength=config.n_routed_experts)
+                hf_err = {
+                    impl: float((layer(x) - ref).abs().max()) if t else 0.0
+                    for impl, layer in hf_layers.items()
+                }
+            touched = int((counts > 0).sum())
+            auto = choose_strategy(x, routing_out.topk_indices, config.n_routed_experts)
+            for mode in modes:
+                steps: dict[str, Callable[[], None]] = {}
+                for s in strategies:
+                    if s == "dense" and t > DENSE_MAX_TOKENS:
+                        continue
+                    layer = lib if s == "auto" else _with_strategy(lib, s)
+                    steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
+                for impl, layer in hf_layers.items():
+                    steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
+                flops_step, bytes_step, flops, nbytes = limit_steps(config, t, touched, mode, device, dtype)
+                steps["limit:flops"] = flops_step
+                steps["limit:bytes"] = bytes_step
+                timings = time_interleaved(steps, device, repeats, min_sample_s)
+                limit = max(timings["limit:flops"]["min_s"], timings["limit:bytes"]["min_s"])
+                for v in timings.values():
+                    v["ratio"] = v["min_s"] / limit
+                row = {
+                    "tokens": t,
+                    "routing": routing,
+                    "mode": mode,
+                    "auto_strategy": auto,
+                    "touched_experts": touched,
+                    "max_load": int(counts.max()) if t else 0,
+                    "mean_load": t * config.num_experts_per_tok / config.n_routed_experts,
+                    "limit_s": limit,
+                    "limit_flops": flops,
+                    "limit_bytes": nbytes,
+                    "limit_bound": "flops"
+                    if timings["limit:flops"]["min_s"] >= timings["limit:bytes"]["min_s"]
+                    else "bytes",
+                    "hf_max_abs_diff": hf_err,
+                    "timings": timings,
+                }
+                rows.append(row)
+                if verbose:
+                    print(_row_line(row), flush=True)
+    return {
+        "meta": {
+            "torch": torch.__version__,
+            "transformers": hf_version,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor(),
+            "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "config": config.to_dict(),
+            "repeats": repeats,
+            "min_sample_s": min_sample_s,
+            "statistic": "min over repeats of the mean per call within a sample",
+            "skew": f"selection bias {SKEW_BIAS} * exp(-e / {SKEW_DECAY})",
+            "seconds": round(time.time() - started, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },
+        "results": rows,
+    }
+
+
+def _with_strategy(lib: MoE, strategy: str) -> torch.nn.Module:
+    """A view of ``lib`` whose experts use ``strategy`` (same weights, nothing copied)."""
+
+    class _Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = lib
+
+        def forward(self, x: Tensor) -> Tensor:
+            m = self.inner
+            r = m.gate(x)
+            out = m.experts(x, r.topk_indices, r.topk_weights, strategy=strategy)
+            return out + m.shared_experts(x) if m.shared_experts is not None else out
+
+    return _Layer()
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+def _row_line(row: dict[str, Any]) -> str:
+    tm = row["timings"]
+    parts = [
+        f"T={row['tokens']:>5} {row['routing']:<8} {row['mode']:<7} limit {row['limit_s'] * 1e3:8.3f} ms"
+    ]
+    for name in tm:
+        if not name.startswith("limit"):
+            parts.append(f"{name}={tm[name]['ratio']:.2f}x")
+    return "  ".join(parts)
+
+
+def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) -> str:
+    """One markdown table: rows (routing, mode, T), columns the contenders' ratio to the limit."""
+    rows = results["results"]
+    if names is None:
+        names = []
+        for r in rows:
+            names += [n for n in r["timings"] if not n.startswith("limit") and n not in names]
+    head = ["routing", "mode", "T", "limit (ms)", "bound", "auto picks", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["routing"],
+            r["mode"],
+            str(r["tokens"]),
+            f"{r['limit_s'] * 1e3:.3f}",
+            r["limit_bound"],
+            r["auto_strategy"],
+        ]
+        for n in names:
+            tm = r["timings"].get(n)
+            cells.append(f"{tm['ratio']:.2f}x" if tm else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    meta = results["meta"]
+    note = (
+        f"x = time / limit (min of {meta['repeats']} interleaved samples). {meta['device']} "
+        f"({meta['device_name']}), {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, {meta['date']}."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m glm4moe_lib.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"T in {QUICK_TOKENS}, fewer repeats (seconds)")
+    p.add_argument("--tokens", type=int, nargs="+", help="token counts (default: all or quick)")
+    p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=None)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None)
+    p.add_argument("--strategies", nargs="+", default=None, help="library strategies to time")
+    p.add_argument("--hf", nargs="*", default=None, help="transformers implementations (none: skip)")
+    p.add_argument("--preset", default="bench", choices=sorted(PRESETS))
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results_<device>.json)")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    quick = args.quick
+    results = run(
+        tokens=args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS),
+        routings=args.routing or (("balanced",) if quick else ROUTINGS),
+        modes=args.modes or MODES,
+        config=PRESETS[args.preset],
+        device=args.device,
+        strategies=args.strategies
+        or (("auto", "loop", "sorted", "gather_bmm", "padded") if quick else LIB_STRATEGIES),
+        hf_impls=HF_IMPLS if args.hf is None else args.hf,
+        repeats=args.repeats or (3 if quick else 7),
+        min_sample_s=0.005 if quick else 0.02,
+    )
+    results["meta"]["quick"] = quick
+    table = markdown_table(results)
+    print()
+    print(table)
+    if not args.no_save:
+        out = args.out or RESULTS_DIR / (
+            f"results_{results['meta']['device'].split(':')[0]}{'_quick' if quick else ''}.json"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The fast dispatch paths equal the dense reference; "auto" picks them by shape and device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glm4moe_lib import MoE, MoEConfig, bench, dispatch
+from glm4moe_lib.config import DISPATCH_STRATEGIES
+from glm4moe_lib.dispatch import STRATEGIES, choose_strategy, dense_reference, dispatch_combine
+
+H, INTER = 32, 16  # widths multiples of 8 (grouped_mm's alignment on CUDA)
+
+
+def _routing(tokens: int, experts: int, top_k: int, skew: bool, gen: torch.Generator) -> torch.Tensor:
+    """[T, K] distinct experts per token; skewed: a few experts take most of the picks."""
+    if skew:
+        p = torch.tensor([0.5**e for e in range(experts)]) + 1e-3
+    else:
+        p = torch.ones(experts)
+    if tokens == 0:
+        return torch.zeros(0, top_k, dtype=torch.long)
+    return torch.multinomial(p.expand(tokens, experts), top_k, generator=gen)
+
+
+def _problem(tokens, experts, top_k, skew, device, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, H, generator=gen)
+    gu = torch.randn(experts, 2 * INTER, H, generator=gen) * H**-0.5
+    dn = torch.randn(experts, H, INTER, generator=gen) * INTER**-0.5
+    idx = _routing(tokens, experts, top_k, skew, gen)
+    w = torch.rand(tokens, top_k, generator=gen)
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (x, gu, dn)]
+    return (*leaves, idx.to(device), w.to(device).requires_grad_(True))
+
+
+CASES = [  # tokens, experts, top_k, skewed
+    (0, 8, 2, False),  # empty batch
+    (1, 16, 4, False),  # one token: most experts get nothing
+    (5, 8, 2, False),
+    (40, 16, 4, False),
+    (40, 16, 4, True),  # skewed: heavy experts run outside the padded slab
+    (200, 8, 2, True),
+]
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}{'-skew' if c[3] else ''}")
+def test_strategy_matches_dense_reference_fp32(device, strategy, case):
+    tokens, experts, top_k, skew = case
+    x, gu, dn, idx, w = _problem(tokens, experts, top_k, skew, device, torch.float32)
+    ref = dense_reference(x, idx, w, gu, dn)
+    out = dispatch_combine(x, idx, w, gu, dn, strategy=strategy)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if tokens == 0:
+        return
+    g_out = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (x, gu, dn, w), g_out)
+    g = torch.autograd.grad(out, (x, gu, dn, w), g_out)
+    for name, a, b in zip(("x", "gate_up", "down", "weights"), g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("strategy", ["gather_bmm", "padded", "grouped_mm", "sorted"])
+def test_strategy_bf16_close_to_fp32_reference(device, strategy):
+    x, gu, dn, idx, w = _problem(64, 16, 4, True, device, torch.bfloat16, seed=1)
+    ref = dense_reference(x.float(), idx, w, gu.float(), dn.float())
+    out = dispatch_combine(x, idx, w, gu, dn, strategy=strategy)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    out.float().square().sum().backward()
+    assert gu.grad is not None and torch.isfinite(gu.grad.float()).all()
+
+
+def test_experts_with_zero_tokens_get_zero_gradient():
+    x, gu, dn, idx, w = _problem(3, 16, 2, False, "cpu", torch.float32)
+    unused = sorted(set(range(16)) - set(idx.flatten().tolist()))
+    for strategy in ("gather_bmm", "padded", "grouped_mm"):
+        gu.grad = dn.grad = None
+        dispatch_combine(x, idx, w, gu, dn, strategy=strategy).sum().backward()
+        assert gu.grad[unused].abs().max() == 0 and dn.grad[unused].abs().max() == 0
+
+
+def test_every_strategy_is_allowed_in_config():
+    for name in STRATEGIES:
+        assert name in DISPATCH_STRATEGIES
+    for name in DISPATCH_STRATEGIES:
+        assert name == "auto" or name in STRATEGIES
+        MoEConfig(dispatch=name)
+
+
+def test_moe_layer_same_output_with_every_strategy():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2))
+    x = torch.randn(2, 7, 32)
+    ref = moe(x)
+    for name in STRATEGIES:
+        moe.config.dispatch = name
+        torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- choose_strategy ----------------------------------------------------------------------------
+def test_choose_strategy_cpu_by_shape():
+    e, k = 128, 8
+    idx = lambda t: torch.zeros(t, k, dtype=torch.long)  # noqa: E731
+    x = lambda t: torch.zeros(t, 512)  # noqa: E731
+    assert choose_strategy(x(1), idx(1), e) == "gather_bmm"
+    assert choose_strategy(x(8), idx(8), e) == "gather_bmm"  # T*K = E/2
+    for t in (16, 64, 1024, 4096):
+        assert choose_strategy(x(t), idx(t), e) == "padded"
+    assert choose_strategy(x(16).bfloat16(), idx(16), e) == "padded"  # no grouped GEMM kernel on CPU
+
+
+def test_choose_strategy_grouped_mm_only_on_capable_cuda(monkeypatch):
+    x = torch.zeros(64, 512, dtype=torch.bfloat16)
+    idx = torch.zeros(64, 8, dtype=torch.long)
+    assert choose_strategy(x, idx, 128) != "grouped_mm"  # CPU never
+    if torch.cuda.is_available():
+        xc, ic = x.cuda(), idx.cuda()
+        expect = "grouped_mm" if dispatch.grouped_mm_available(xc.device) else "padded"
+        assert choose_strategy(xc, ic, 128) == expect
+        assert choose_strategy(xc.float(), ic, 128) != "grouped_mm"  # fp32: no grouped GEMM
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_cuda_bf16_matches_reference():
+    x, gu, dn, idx, w = _problem(300, 16, 4, True, "cuda", torch.bfloat16)
+    ref = dense_reference(x.float(), idx, w, gu.float(), dn.float())
+    out = dispatch_combine(x, idx, w, gu, dn, strategy="grouped_mm")
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+# ---- memory: no [T, E, H] tensors ------------------------------------------------------------------
+@pytest.mark.parametrize("skew", [False, True])
+def test_padded_slab_is_order_tk_rows(skew):
+    tokens, experts, top_k = 512, 64, 4
+    idx = _routing(tokens, experts, top_k, skew, torch.Generator().manual_seed(0))
+    plan, cap, _, _, heavy = dispatch.padded_plan(idx, experts)
+    rows = experts * cap
+    assert rows <= 2 * dispatch.PAD_CAPACITY_FACTOR * tokens * top_k + experts
+    assert rows < tokens * experts / 4  # far from a [T, E] layout
+    if skew:
+        assert heavy  # the hot experts run outside the slab
+    assert int(plan.counts.sum()) == tokens * top_k
+
+
+@pytest.mark.parametrize("strategy", ["gather_bmm", "padded", "grouped_mm", "sorted"])
+@pytest.mark.parametrize("skew", [False, True])
+def test_no_intermediate_scales_with_t_times_e(monkeypatch, strategy, skew):
+    """Record every tensor the strategy makes through torch ops; none may have T*E*H elements."""
+    tokens, experts, top_k = 256, 32, 2
+    x, gu, dn, idx, w = _problem(tokens, experts, top_k, skew, "cpu", torch.float32)
+    x, gu, dn, w = (t.detach() for t in (x, gu, dn, w))
+    if strategy == "gather_bmm":  # only used while T*K <= E/2: check at its own scale
+        x, idx, w = x[:8], idx[:8], w[:8]
+        tokens = 8
+    biggest = 0
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            nonlocal biggest
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in (gu.data_ptr(), dn.data_ptr()):
+                    biggest = max(biggest, t.numel())
+            return out
+
+    with Spy():
+        dispatch_combine(x, idx, w, gu, dn, strategy=strategy)
+    activations = tokens * top_k * max(H, 2 * INTER)  # O(T·K·H)
+    weights = tokens * top_k * 2 * INTER * H  # gather_bmm copies T·K experts (T·K <= E/2 only)
+    limit = weights if strategy == "gather_bmm" else 4 * activations
+    assert biggest <= limit
+    assert biggest < tokens * experts * H or strategy == "gather_bmm"
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------
+def test_bench_quick_writes_valid_json(tmp_path):
+    out = tmp_path / "r.json"
+    bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--tokens",
+            "1",
+            "8",
+            "--routing",
+            "balanced",
+            "skewed",
+            "--strategies",
+            "auto",
+            "padded",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert {"torch", "device", "dtype", "config", "repeats"} <= set(data["meta"])
+    rows = data["results"]
+    assert len(rows) == 2 * 2 * 2  # tokens x routings x modes
+    for r in rows:
+        assert r["mode"] in bench.MODES and r["routing"] in bench.ROUTINGS
+        assert r["auto_strategy"] in STRATEGIES
+        assert r["limit_s"] > 0 and r["limit_bound"] in ("flops", "bytes")
+        names = set(r["timings"])
+        assert {"lib:auto", "lib:padded", "hf:eager", "hf:grouped_mm", "limit:flops", "limit:bytes"} <= names
+        for tm in r["timings"].values():
+            assert tm["min_s"] > 0 and tm["ratio"] > 0
+        assert all(err < 1e-4 for err in r["hf_max_abs_diff"].values())  # same layer as transformers
+    assert "| routing |" in out.with_suffix(".md").read_text()
