@@ -44,6 +44,17 @@ from .balance import (
 from .config import MoEConfig
 from .moe import MoE
 
+__all__ = [
+    "LabResult",
+    "LabTask",
+    "METHODS",
+    "METHOD_NAMES",
+    "make_lab_moe",
+    "make_task",
+    "run_balancing_experiment",
+    "run_sweep",
+]
+
 #: The balancing methods the lab knows, and the default coefficient of each.
 METHODS: dict[str, float] = {"none": 0.0, "aux": 1e-2, "zloss": 1e-3, "bias": 1e-2, "seq": 1e-2}
 

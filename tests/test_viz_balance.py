@@ -132,3 +132,12 @@ def test_group_selection_figure():
     assert isinstance(fig, Figure)
     with pytest.raises(ValueError, match="n_group=5"):
         vb.plot_group_selection(r.scores, keep, r.topk_indices, 5)
+
+
+def test_capacity_helpers_follow_device(device):
+    idx = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2]], device=device)
+    assert vd.capacity_drops(idx, 4, 1.0) == (2, 1)
+    keep = vd.capacity_keep_mask(idx, 4, 2)
+    assert keep.device == idx.device and int((~keep).sum()) == 1
+    assert isinstance(vd.plot_permutation(idx, 4, torch.full((4, 2), 0.5, device=device)), Figure)
+    assert isinstance(vd.plot_capacity_drops(idx, 4, 1.0), Figure)

@@ -19,6 +19,19 @@ from ..balance import load_balancing_loss, sequence_balance_loss
 from ..lab import LabResult
 from .core import CMAP, PALETTE, close, heatmap, to_numpy
 
+__all__ = [
+    "balance_conventions",
+    "plot_balance_conventions",
+    "plot_bias_trajectories",
+    "plot_group_selection",
+    "plot_layer_loads",
+    "plot_load_grid",
+    "plot_tradeoff",
+    "plot_training_step",
+    "relative_load",
+    "smooth",
+]
+
 
 def _check_results(results: Mapping[str, LabResult]) -> None:
     if not isinstance(results, Mapping) or not results:

@@ -19,6 +19,18 @@ from torch import Tensor
 from ..dispatch import plan_dispatch
 from .core import PALETTE, close, to_numpy
 
+__all__ = [
+    "capacity_drops",
+    "capacity_keep_mask",
+    "dispatch_memory",
+    "dropped_fraction",
+    "expert_capacity",
+    "plot_capacity_drops",
+    "plot_dispatch_memory",
+    "plot_dropped_vs_capacity",
+    "plot_permutation",
+]
+
 # ---- the numbers ---------------------------------------------------------------------------------
 
 
