@@ -141,3 +141,13 @@ def test_capacity_helpers_follow_device(device):
     assert keep.device == idx.device and int((~keep).sum()) == 1
     assert isinstance(vd.plot_permutation(idx, 4, torch.full((4, 2), 0.5, device=device)), Figure)
     assert isinstance(vd.plot_capacity_drops(idx, 4, 1.0), Figure)
+
+
+def test_run_styles(results):
+    more = dict(results)
+    more.update(run_sweep([("aux", 1e-3), ("aux", 1e-1)], steps=2))
+    styles = vb.run_styles(more)
+    assert styles["no balancing"] == (vb.METHOD_COLORS["none"], "-")
+    assert styles["aux loss (Switch), α=0.1"][1] == "-"
+    assert styles["aux loss (Switch), α=0.001"][1] == "--"
+    assert len({styles[k] for k in more}) == len(more)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -20,6 +21,7 @@ from ..lab import LabResult
 from .core import CMAP, PALETTE, close, heatmap, to_numpy
 
 __all__ = [
+    "METHOD_COLORS",
     "balance_conventions",
     "plot_balance_conventions",
     "plot_bias_trajectories",
@@ -29,6 +31,7 @@ __all__ = [
     "plot_tradeoff",
     "plot_training_step",
     "relative_load",
+    "run_styles",
     "smooth",
 ]
 
@@ -123,36 +126,77 @@ def plot_load_grid(results: Mapping[str, LabResult], columns: int = 3) -> Figure
     return close(fig)
 
 
+#: One colour per balancing method (Okabe–Ito); coefficients of one method differ by line style.
+METHOD_COLORS = {
+    "none": PALETTE[7],
+    "aux": PALETTE[0],
+    "zloss": PALETTE[4],
+    "bias": PALETTE[2],
+    "seq": PALETTE[3],
+}
+_STYLES = {1: ["-"], 2: ["--", "-"], 3: [":", "--", "-"]}
+_MARKERS = {"-": "o", "--": "s", ":": "^"}
+
+
+def run_styles(results: Mapping[str, LabResult]) -> dict[str, tuple[str, str]]:
+    """(colour, line style) per run: colour by method, solid for its largest coefficient, then
+    dashed and dotted for smaller ones."""
+    styles: dict[str, tuple[str, str]] = {}
+    by_method: dict[str, list[tuple[float, str]]] = {}
+    for label, r in results.items():
+        by_method.setdefault(r.method, []).append((r.coef, label))
+    for method, runs in by_method.items():
+        runs.sort()
+        ladder = _STYLES.get(len(runs), ["-"] * len(runs))
+        for (_, label), style in zip(runs, ladder):
+            styles[label] = (METHOD_COLORS.get(method, PALETTE[5]), style)
+    return styles
+
+
 def plot_tradeoff(results: Mapping[str, LabResult], window: int = 10) -> Figure:
     """MaxVio and task loss over training (moving averages), and the end-of-training trade-off:
-    held-out MaxVio (MaxVio_global) against held-out task loss."""
+    held-out MaxVio (MaxVio_global) against held-out task loss. Colour = method, line style =
+    coefficient (solid = the largest)."""
     _check_results(results)
-    fig, (ax_v, ax_l, ax_s) = plt.subplots(1, 3, figsize=(15, 4.3), layout="constrained")
-    for i, (label, r) in enumerate(results.items()):
-        color = PALETTE[i % len(PALETTE)]
-        style = "-" if i < len(PALETTE) else "--"
-        ax_v.plot(smooth(r.max_vio, window), color=color, linestyle=style, label=label)
-        ax_l.plot(smooth(r.task_loss, window), color=color, linestyle=style, label=label)
-        ax_s.scatter(r.eval_max_vio, r.eval_task_loss, color=color, s=60, edgecolors="black", zorder=3)
+    styles = run_styles(results)
+    fig, (ax_v, ax_l, ax_s) = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
+    for label, r in results.items():
+        color, style = styles[label]
+        ax_v.plot(smooth(r.max_vio, window), color=color, linestyle=style, lw=1.8, label=label)
+        ax_l.plot(smooth(r.task_loss, window), color=color, linestyle=style, lw=1.8, label=label)
+        ax_s.scatter(
+            r.eval_max_vio,
+            r.eval_task_loss,
+            color=color,
+            marker=_MARKERS[style],
+            s=70,
+            edgecolors="black",
+            zorder=3,
+        )
+        tag = "none" if r.method == "none" else f"{r.coef:g}"
         ax_s.annotate(
-            label, (r.eval_max_vio, r.eval_task_loss), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            tag, (r.eval_max_vio, r.eval_task_loss), fontsize=8, xytext=(5, 3), textcoords="offset points"
         )
     first = next(iter(results.values()))
-    ax_v.axhline(first.num_experts / first.top_k - 1, color="gray", linestyle=":", lw=1)
-    ax_v.text(
-        0, first.num_experts / first.top_k - 1, " total collapse", color="gray", va="bottom", fontsize=9
-    )
+    worst = first.num_experts / first.top_k - 1
+    ax_v.axhline(worst, color="gray", linestyle=":", lw=1)
+    ax_v.text(first.steps - 1, worst, "total collapse ", color="gray", ha="right", va="top", fontsize=9)
     ax_v.set_xlabel("training step")
     ax_v.set_ylabel(f"MaxVio (moving average of {window})")
     ax_v.set_title("Imbalance during training")
-    ax_v.set_ylim(bottom=0)
+    ax_v.set_ylim(0, worst * 1.05)
     ax_l.set_xlabel("training step")
     ax_l.set_ylabel(f"task loss (moving average of {window})")
     ax_l.set_yscale("log")
-    ax_l.set_title("Task loss")
+    ax_l.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+    ax_l.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
+    ax_l.tick_params(axis="y", which="minor", labelsize=8)
+    ax_l.set_title("Task loss (log scale)")
     ax_s.set_xlabel("MaxVio on held-out tokens")
     ax_s.set_ylabel("task loss on held-out tokens")
-    ax_s.set_title("After training: lower-left is better")
+    ax_s.set_title(
+        "After training: lower-left is better\n(colour = method, label = coefficient)", fontsize=11
+    )
     ax_s.margins(0.15)
     handles, labels = ax_v.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=9)
