@@ -149,7 +149,8 @@ def _clone(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.clone()
     if isinstance(obj, tuple):
-        return tuple(_clone(o) for o in obj)
+        items = [_clone(o) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)  # keep NamedTuples
     if isinstance(obj, list):
         return [_clone(o) for o in obj]
     if isinstance(obj, dict):
