@@ -54,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
 _CSS = """<style>
 .glm-playground .widget-label, .glm-playground .widget-readout, .glm-playground select,
 .glm-playground .widget-dropdown > select { font-size: 22px !important; line-height: 32px; height: 36px; }
-.glm-playground .widget-inline-hbox { height: 40px; margin-bottom: 6px; }
+.glm-playground .widget-slider, .glm-playground .widget-dropdown { height: 40px; margin-bottom: 6px; }
 .glm-playground .glm-readout { font-size: 22px; line-height: 1.4; }
 .glm-playground .widget-image { max-width: 100%; height: auto; }
 </style>"""

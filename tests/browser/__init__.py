@@ -1,0 +1,1 @@
+"""Helpers for tests/test_browser.py: start JupyterLab / Voilà, drive them with Playwright."""
