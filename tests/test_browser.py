@@ -55,14 +55,19 @@ INSTALL_HINT = (
 
 
 def find_chromium() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", "chromium", "chromium-browser"):
-        if candidate and (path := shutil.which(candidate)):
+    """$CHROMIUM if set (only it), else Debian's /usr/bin/chromium or one on PATH."""
+    env = os.environ.get("CHROMIUM")
+    for candidate in [env] if env else ["/usr/bin/chromium", "chromium", "chromium-browser"]:
+        if path := shutil.which(candidate):
             return path
     return None
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Each xdist worker would start its own JupyterLab and run every notebook again.
+        pytest.skip("the browser tests run in one process: `pytest -m browser tests/test_browser.py` (no -n)")
     path = find_chromium()
     if path is None:
         pytest.skip(INSTALL_HINT)
@@ -238,14 +243,17 @@ def test_notebook_runs_in_jupyterlab(notebook, runs):
     if _uses_widgets(notebook):
         assert r.widget_views > 0, f"{notebook} uses glm4moe_lib.widgets but no widget view rendered {where}"
     # Every widget view must respond: moving its controls one by one from the defaults, at least
-    # one changes its figure (a control may legitimately do nothing at the defaults, e.g. "which
+    # one changes its figure (or, for a view without one, the text its Label/HTML/Output shows) (a control may legitimately do nothing at the defaults, e.g. "which
     # expert gets the bias" while the bias is 0; those are listed in the summary).
     views: dict[str, list] = {}
     for i in r.interactions:
         views.setdefault(i.view, []).append(i)
     dead = [v for v, moves in views.items() if not any(m.changed for m in moves)]
-    assert not dead, f"{notebook}: the figure did not change for any control of " + "; ".join(
-        f"{v} (moved {', '.join(m.label for m in views[v])}; see {views[v][-1].screenshot})" for v in dead
+    assert not dead, (
+        f"{notebook}: nothing it shows (figure, or text) changed for any control of "
+        + "; ".join(
+            f"{v} (moved {', '.join(m.label for m in views[v])}; see {views[v][-1].screenshot})" for v in dead
+        )
     )
 
 

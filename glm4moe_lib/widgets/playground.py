@@ -127,6 +127,9 @@ class Playground:
         for control in self.controls.values():
             control.observe(self._on_change, names="value")
         self.update()
+        # The first autograd step of a session is slow (lazy set-up): take it now, not on the
+        # first click in front of the class.
+        simulate_playground(balancing="switch aux loss", steps=1, tokens=self.tokens, seed=self.seed)
 
     # ---- settings ----------------------------------------------------------------------------
     @property
