@@ -4,14 +4,16 @@ the playground.
 Headless Chromium (Debian's ``chromium`` package) driven by Playwright for Python. One JupyterLab
 server (127.0.0.1, a free port, a token, private Jupyter dirs) serves a temporary copy of
 ``notebooks/``; each notebook is opened, run with Run > Run All Cells, and must end with every cell
-finished and none showing an error. Then every widget view with controls is exercised: each control
-(found by its ``description`` label) is moved and the view's figure must change. Screenshots go to
-``artifacts/browser/``. Without Chromium (or Playwright) the tests skip and say what to install.
+finished (no ``[*]``) and none showing an error. Then each widget view's controls (found by their
+``description`` labels) are moved one at a time: at least one must change what the view shows (its
+figure's bytes; the text of its Label/HTML/Output for a view without a figure), and every playground
+control must. Alongside, Voilà serves the playground as ``make demo`` does. Screenshots, a timing
+summary and the server logs go to ``artifacts/browser/``. Without Chromium (or Playwright) the tests
+skip and say what to install. Run them in one process: ``pytest -m browser tests/test_browser.py``.
 
 Knobs (environment): BROWSER_JOBS (notebooks at a time, default 3), BROWSER_NB_TIMEOUT (seconds
-per notebook, default 240), BROWSER_MAX_CONTROLS (controls moved per notebook, default 4;
-the playground: all),
-CHROMIUM (path of the browser), BROWSER_NOTEBOOKS (a folder to test instead of notebooks/).
+per notebook, default 240), BROWSER_MAX_CONTROLS (controls moved per notebook, default 4; the
+playground: all), CHROMIUM (the browser to use), BROWSER_NOTEBOOKS (a folder to test instead).
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def lab(chromium, tmp_path_factory):
         yield server
     finally:
         server.stop()
-        shutil.copy2(server.log, ARTIFACTS / "jupyterlab.log") if ARTIFACTS.exists() else None
+        if ARTIFACTS.exists():
+            shutil.copy2(server.log, ARTIFACTS / "jupyterlab.log")
 
 
 def _selected(request) -> tuple[list[str], bool]:
@@ -279,7 +282,8 @@ def voila(chromium, tmp_path_factory):
         yield server
     finally:
         server.stop()
-        shutil.copy2(server.log, ARTIFACTS / "voila.log") if ARTIFACTS.exists() else None
+        if ARTIFACTS.exists():
+            shutil.copy2(server.log, ARTIFACTS / "voila.log")
 
 
 @pytest.mark.skipif("playground.ipynb" not in NOTEBOOKS, reason="notebooks/playground.ipynb is missing")
