@@ -13,6 +13,9 @@ contender alike):
   that got a token). For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
   also writes each touched weight's gradient once.
 
+Forward+backward rows also time ``floor:dense_grads``: zero-filling one dense gradient per
+parameter (all E experts), which every PyTorch backward pays and the limit does not count.
+
 for forward (under ``torch.no_grad``) and forward+backward (gradients of the input and all
 weights), T tokens, balanced and skewed routing; fp32 on CPU, bf16 on CUDA. It prints a table and
 writes JSON (and a markdown table) with each time and its ratio to the limit.
@@ -45,6 +48,9 @@ HF_IMPLS = ("eager", "grouped_mm")
 #: the library strategies timed by default ("dense" is O(T·E) work: only up to DENSE_MAX_TOKENS)
 LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "dense")
 DENSE_MAX_TOKENS = 64
+#: the per-expert Python loops pay one full-size zero gradient per touched expert in backward
+#: (``weight[e]``'s backward): their forward+backward is timed up to this T only (hf:eager always)
+LOOPS_BWD_MAX_TOKENS = 1
 #: skewed routing: selection bias SKEW_BIAS * exp(-e / SKEW_DECAY) on expert e (a few hot experts)
 SKEW_BIAS = 0.5
 SKEW_DECAY = 8.0
@@ -155,37 +161,62 @@ def limit_steps(config: MoEConfig, tokens: int, touched: int, mode: str, device,
     return flops_step, bytes_step, flops, nbytes
 
 
+def _dense_grads_step(layer: torch.nn.Module) -> Callable[[], None]:
+    """Allocate and zero one gradient per parameter, as any dense ``.grad`` costs at least.
+
+    PyTorch gives every parameter a dense gradient, so backward writes all E experts' gradients
+    (zeros for the untouched ones) whatever the dispatch: a floor above the limit at small T.
+    """
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            torch.zeros_like(p)
+
+    return step
+
+
 # ---- timing --------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _calibrate(step: Callable[[], None], device, min_sample_s: float) -> int:
+#: "wall": time.perf_counter. "cpu": time.process_time, the CPU time of this process: on a machine
+#: shared with other jobs it is not inflated by waiting for a core (use it with --threads 1).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _calibrate(step: Callable[[], None], device, min_sample_s: float, clock=time.perf_counter) -> int:
     """Calls per timed sample so that one sample lasts at least ``min_sample_s``."""
     step()
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     step()
     _sync(device)
-    dt = max(time.perf_counter() - t0, 1e-7)
+    dt = max(clock() - t0, 1e-7)
     return max(1, min(1000, math.ceil(min_sample_s / dt)))
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], None]], device, repeats: int, min_sample_s: float
+    steps: dict[str, Callable[[], None]], device, repeats: int, min_sample_s: float, clock: str = "wall"
 ) -> dict[str, dict[str, float]]:
     """Time every step ``repeats`` times, round-robin; per-call min and median in seconds."""
-    calls = {name: _calibrate(step, device, min_sample_s) for name, step in steps.items()}
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r} is not allowed: use one of {sorted(CLOCKS)}")
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError("clock='cpu' is not allowed on an accelerator: GPU time is not CPU time")
+    now = CLOCKS[clock]
+    calls = {name: _calibrate(step, device, min_sample_s, now) for name, step in steps.items()}
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(calls[name]):
                 step()
             _sync(device)
-            samples[name].append((time.perf_counter() - t0) / calls[name])
+            samples[name].append((now() - t0) / calls[name])
     return {
         name: {"min_s": min(s), "median_s": statistics.median(s), "calls_per_sample": calls[name]}
         for name, s in samples.items()
@@ -205,6 +236,7 @@ def run(
     repeats: int = 5,
     min_sample_s: float = 0.02,
     seed: int = 0,
+    clock: str = "wall",
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark and return the results as a JSON-ready dict (see the module docstring)."""
@@ -246,6 +278,8 @@ def run(
                 for s in strategies:
                     if s == "dense" and t > DENSE_MAX_TOKENS:
                         continue
+                    if s in ("loop", "sorted") and mode != "forward" and t > LOOPS_BWD_MAX_TOKENS:
+                        continue
                     layer = lib if s == "auto" else _with_strategy(lib, s)
                     steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
                 for impl, layer in hf_layers.items():
@@ -253,7 +287,9 @@ def run(
                 flops_step, bytes_step, flops, nbytes = limit_steps(config, t, touched, mode, device, dtype)
                 steps["limit:flops"] = flops_step
                 steps["limit:bytes"] = bytes_step
-                timings = time_interleaved(steps, device, repeats, min_sample_s)
+                if mode != "forward":  # not part of the limit: what a dense .grad costs by itself
+                    steps["floor:dense_grads"] = _dense_grads_step(lib)
+                timings = time_interleaved(steps, device, repeats, min_sample_s, clock)
                 limit = max(timings["limit:flops"]["min_s"], timings["limit:bytes"]["min_s"])
                 for v in timings.values():
                     v["ratio"] = v["min_s"] / limit
@@ -290,6 +326,7 @@ def run(
             "config": config.to_dict(),
             "repeats": repeats,
             "min_sample_s": min_sample_s,
+            "clock": clock,
             "statistic": "min over repeats of the mean per call within a sample",
             "skew": f"selection bias {SKEW_BIAS} * exp(-e / {SKEW_DECAY})",
             "seconds": round(time.time() - started, 1),
@@ -323,7 +360,7 @@ def _row_line(row: dict[str, Any]) -> str:
         f"T={row['tokens']:>5} {row['routing']:<8} {row['mode']:<7} limit {row['limit_s'] * 1e3:8.3f} ms"
     ]
     for name in tm:
-        if not name.startswith("limit"):
+        if not name.startswith(("limit", "floor")):
             parts.append(f"{name}={tm[name]['ratio']:.2f}x")
     return "  ".join(parts)
 
@@ -352,7 +389,7 @@ def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) 
         lines.append("| " + " | ".join(cells) + " |")
     meta = results["meta"]
     note = (
-        f"x = time / limit (min of {meta['repeats']} interleaved samples). {meta['device']} "
+        f"x = time / limit (min of {meta['repeats']} interleaved samples, {meta['clock']} clock). {meta['device']} "
         f"({meta['device_name']}), {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
         f"transformers {meta['transformers']}, {meta['date']}."
     )
@@ -370,10 +407,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="bench", choices=sorted(PRESETS))
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall or process CPU time")
+    p.add_argument("--min-sample", type=float, default=None, help="seconds per timed sample")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results_<device>.json)")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)
     quick = args.quick
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = run(
         tokens=args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS),
         routings=args.routing or (("balanced",) if quick else ROUTINGS),
@@ -384,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         or (("auto", "loop", "sorted", "gather_bmm", "padded") if quick else LIB_STRATEGIES),
         hf_impls=HF_IMPLS if args.hf is None else args.hf,
         repeats=args.repeats or (3 if quick else 7),
-        min_sample_s=0.005 if quick else 0.02,
+        clock=args.clock,
+        min_sample_s=args.min_sample or (0.005 if quick else 0.01),
     )
     results["meta"]["quick"] = quick
     table = markdown_table(results)

@@ -103,26 +103,32 @@ def test_moe_layer_same_output_with_every_strategy():
 
 
 # ---- choose_strategy ----------------------------------------------------------------------------
-def test_choose_strategy_cpu_by_shape():
+def test_choose_strategy_cpu_by_shape(monkeypatch):
     e, k = 128, 8
     idx = lambda t: torch.zeros(t, k, dtype=torch.long)  # noqa: E731
     x = lambda t: torch.zeros(t, 512)  # noqa: E731
     assert choose_strategy(x(1), idx(1), e) == "gather_bmm"
-    assert choose_strategy(x(8), idx(8), e) == "gather_bmm"  # T*K = E/2
-    for t in (16, 64, 1024, 4096):
-        assert choose_strategy(x(t), idx(t), e) == "padded"
-    assert choose_strategy(x(16).bfloat16(), idx(16), e) == "padded"  # no grouped GEMM kernel on CPU
+    assert choose_strategy(x(2), idx(2), e) == "gather_bmm"  # T*K = E/8
+    cpu_kernel = "grouped_mm" if dispatch.grouped_mm_available("cpu") else "sorted"
+    for t in (3, 16, 64, 1024, 4096):
+        assert choose_strategy(x(t), idx(t), e) == cpu_kernel
+        assert choose_strategy(x(t).bfloat16(), idx(t), e) == cpu_kernel
+    monkeypatch.setattr(dispatch, "grouped_mm_available", lambda device=None: False)
+    assert choose_strategy(x(64), idx(64), e) == "sorted"  # older torch: no CPU grouped GEMM
 
 
-def test_choose_strategy_grouped_mm_only_on_capable_cuda(monkeypatch):
+def test_choose_strategy_grouped_mm_where_supported(monkeypatch):
     x = torch.zeros(64, 512, dtype=torch.bfloat16)
     idx = torch.zeros(64, 8, dtype=torch.long)
-    assert choose_strategy(x, idx, 128) != "grouped_mm"  # CPU never
+    monkeypatch.setattr(dispatch, "grouped_mm_available", lambda device=None: True)
+    assert choose_strategy(x.float(), idx, 128) == "grouped_mm"  # CPU: its C++ loop beats Python's
+    monkeypatch.undo()
     if torch.cuda.is_available():
         xc, ic = x.cuda(), idx.cuda()
         expect = "grouped_mm" if dispatch.grouped_mm_available(xc.device) else "padded"
         assert choose_strategy(xc, ic, 128) == expect
-        assert choose_strategy(xc.float(), ic, 128) != "grouped_mm"  # fp32: no grouped GEMM
+        assert choose_strategy(xc.float(), ic, 128) == "padded"  # fp32 on CUDA: batched GEMMs
+        assert choose_strategy(xc[:1], ic[:1], 128) == "gather_bmm"  # decoding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -180,6 +186,15 @@ def test_no_intermediate_scales_with_t_times_e(monkeypatch, strategy, skew):
 # ---- the benchmark ---------------------------------------------------------------------------------
 def test_bench_quick_writes_valid_json(tmp_path):
     out = tmp_path / "r.json"
+    threads = torch.get_num_threads()
+    try:
+        _run_bench_main(out)
+    finally:
+        torch.set_num_threads(threads)
+    _check_bench_json(out)
+
+
+def _run_bench_main(out):
     bench.main(
         [
             "--preset",
@@ -195,10 +210,17 @@ def test_bench_quick_writes_valid_json(tmp_path):
             "padded",
             "--repeats",
             "1",
+            "--min-sample",
+            "0.0001",
+            "--threads",
+            "1",
             "--out",
             str(out),
         ]
     )
+
+
+def _check_bench_json(out):
     data = json.loads(out.read_text())
     assert {"torch", "device", "dtype", "config", "repeats"} <= set(data["meta"])
     rows = data["results"]

@@ -1,0 +1,105 @@
+"""Figures for lesson 10: measured MoE layer times against the machine's limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from .core import PALETTE, close
+
+#: contenders drawn by default, with their colour and line style
+DEFAULT_SERIES: dict[str, tuple[str, str]] = {
+    "lib:auto": (PALETTE[0], "-"),
+    "lib:sorted": (PALETTE[2], ":"),
+    "lib:loop": (PALETTE[4], ":"),
+    "lib:gather_bmm": (PALETTE[5], "--"),
+    "lib:padded": (PALETTE[6], "--"),
+    "lib:grouped_mm": (PALETTE[1], "--"),
+    "hf:eager": (PALETTE[3], "-"),
+    "hf:grouped_mm": (PALETTE[7], "-."),
+}
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """The JSON that ``python -m glm4moe_lib.bench`` wrote."""
+    return json.loads(Path(path).read_text())
+
+
+def _rows(results: dict[str, Any], routing: str, mode: str) -> list[dict[str, Any]]:
+    rows = [r for r in results["results"] if r["routing"] == routing and r["mode"] == mode]
+    return sorted(rows, key=lambda r: r["tokens"])
+
+
+def plot_times(
+    results: dict[str, Any],
+    routing: str = "balanced",
+    modes: Sequence[str] = ("forward", "fwd+bwd"),
+    series: Sequence[str] | None = None,
+    ratio: bool = False,
+) -> Figure:
+    """Time per layer call against T (log-log), one panel per mode, with the limit as a black line.
+
+    ``ratio=True`` draws time / limit instead (the limit is then the line at 1).
+    """
+    series = list(series or DEFAULT_SERIES)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        rows = _rows(results, routing, mode)
+        tokens = [r["tokens"] for r in rows]
+        if not rows:
+            ax.set_title(f"{mode}: no data")
+            continue
+        for name in series:
+            pts = [(r["tokens"], r["timings"][name]) for r in rows if name in r["timings"]]
+            if not pts:
+                continue
+            colour, style = DEFAULT_SERIES.get(name, (None, "-"))
+            ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in pts]
+            width = 2.6 if name == "lib:auto" else 1.6
+            ax.plot([t for t, _ in pts], ys, style, color=colour, lw=width, marker="o", ms=4, label=name)
+        limit = [1.0 if ratio else r["limit_s"] * 1e3 for r in rows]
+        ax.plot(tokens, limit, color="black", lw=3, label="limit", zorder=5)
+        if ratio:
+            ax.axhline(1.5, color="grey", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("time / limit" if ratio else "ms per layer call")
+        ax.set_title(f"{mode}, {routing} routing")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    meta = results["meta"]
+    fig.suptitle(f"One MoE layer ({meta['device']}, {meta['dtype']}): measured vs the limit", y=1.02)
+    fig.tight_layout()
+    return close(fig)
+
+
+def ratio_table(
+    results: dict[str, Any], names: Sequence[str] = ("lib:auto", "hf:eager", "hf:grouped_mm")
+) -> list[dict[str, Any]]:
+    """Rows (routing, mode, T, auto's pick, then time/limit of each name) for a quick table."""
+    out = []
+    for r in results["results"]:
+        row = {"routing": r["routing"], "mode": r["mode"], "T": r["tokens"], "auto": r["auto_strategy"]}
+        for n in names:
+            tm = r["timings"].get(n)
+            row[n] = round(tm["ratio"], 2) if tm else None
+        out.append(row)
+    return out
+
+
+def plot_cost_breakdown(parts: dict[str, float], title: str = "Where the time goes") -> Figure:
+    """Horizontal bars of microseconds per part of one layer call (e.g. router, experts, shared)."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.5 + 0.45 * len(parts)))
+    names = list(parts)
+    ax.barh(names, [parts[n] for n in names], color=PALETTE[0])
+    ax.invert_yaxis()
+    ax.set_xlabel("microseconds")
+    ax.set_title(title)
+    fig.tight_layout()
+    return close(fig)
