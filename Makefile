@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 JOBS ?= 2
 
-.PHONY: setup course test lint unit nbtest learner notebooks bench demo constraints format clean
+.PHONY: setup course test lint unit browser nbtest learner notebooks bench demo constraints format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 course: setup
 	$(BIN)/jupyter lab notebooks/00_setup.ipynb
 
-test: setup lint unit nbtest
+test: setup lint unit browser nbtest
 
 lint: setup
 	$(BIN)/ruff check glm4moe_lib tests bench data
@@ -33,7 +33,11 @@ format: setup
 	$(BIN)/ruff check --fix glm4moe_lib tests bench data
 
 unit: setup
-	$(BIN)/pytest tests -n $(JOBS)
+	$(BIN)/pytest tests -n $(JOBS) -m "not browser"
+
+# JupyterLab + Voila driven by headless Chromium (skips with a message when no chromium is installed).
+browser: setup
+	$(BIN)/pytest -m browser tests/test_browser.py
 
 nbtest: setup
 	$(BIN)/pytest $(NBVAL) -n $(JOBS) --dist loadfile notebooks/*.ipynb
