@@ -673,7 +673,13 @@ def _worker(
     kwargs: dict,
     out_dir: str,
     pg_timeout_s: float,
+    stack_after_s: float,
 ) -> None:
+    import faulthandler
+
+    # If this rank is still running when the launcher gives up, leave its Python stacks behind.
+    stack_file = open(Path(out_dir) / f"rank{rank}.stack", "w")  # noqa: SIM115 (kept open until exit)
+    faulthandler.dump_traceback_later(stack_after_s, file=stack_file)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -685,14 +691,17 @@ def _worker(
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # localhost only
     torch.set_num_threads(1)
     path = Path(out_dir) / f"rank{rank}.pt"
+    phase = "init"
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=pg_timeout_s))
         init_distributed(pg_timeout_s, store=store)
+        (Path(out_dir) / f"rank{rank}.ready").touch()
+        phase = "run"
         result = fn(*args, **kwargs)
-        torch.save({"result": result, "error": None}, path)
+        torch.save({"result": result, "error": None, "phase": phase}, path)
     except BaseException as exc:  # report it to the launcher, then exit non-zero
         msg = f"{type(exc).__name__}: {exc}"
-        torch.save({"result": None, "error": msg, "traceback": traceback.format_exc()}, path)
+        torch.save({"result": None, "error": msg, "traceback": traceback.format_exc(), "phase": phase}, path)
         sys.stderr.write(f"[rank {rank}] {msg}\n")
         sys.stderr.flush()
         os._exit(1)  # skip the process group's shutdown, which may wait for dead peers
@@ -702,6 +711,73 @@ def _worker(
         os._exit(0)
 
 
+def _launch_once(
+    ctx,
+    fn,
+    world_size: int,
+    args: tuple,
+    kwargs: dict,
+    timeout_s: float,
+    pg_timeout_s: float,
+    init_timeout_s: float,
+) -> tuple[list[RankOutcome], bool]:
+    """One attempt; returns the outcomes and whether setting up the process group failed."""
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+    outcomes: list[RankOutcome | None] = [None] * world_size
+    init_failed = False
+    with tempfile.TemporaryDirectory(prefix="glm4moe_ep_") as out_dir:
+        out = Path(out_dir)
+        stack_after_s = max(timeout_s - 1, 0.5)
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, world_size, store.port, fn, args, kwargs, out_dir, pg_timeout_s, stack_after_s),
+                daemon=True,
+            )
+            for r in range(world_size)
+        ]
+        start = time.monotonic()
+        for p in procs:
+            p.start()
+        ready = False
+        while time.monotonic() - start < timeout_s and any(o is None for o in outcomes):
+            for r, p in enumerate(procs):
+                if outcomes[r] is None and p.exitcode is not None:
+                    outcomes[r] = RankOutcome(r, p.exitcode, elapsed_s=time.monotonic() - start)
+            ready = ready or all((out / f"rank{r}.ready").exists() for r in range(world_size))
+            if not ready:
+                exited_early = any(
+                    o is not None and not (out / f"rank{o.rank}.ready").exists() for o in outcomes
+                )
+                if exited_early or time.monotonic() - start > init_timeout_s:
+                    init_failed = True  # the process group never came up: give up this attempt
+                    break
+            time.sleep(0.02)
+        for r, p in enumerate(procs):
+            if outcomes[r] is None:  # still running: kill it
+                p.kill()
+                p.join(5)
+                stack_path = out / f"rank{r}.stack"
+                stack = stack_path.read_text()[:3000] if stack_path.exists() else ""
+                why = (
+                    "the process group was not up"
+                    if init_failed
+                    else f"still running after timeout_s={timeout_s}"
+                )
+                outcomes[r] = RankOutcome(
+                    r, None, error=f"{why}: killed. Its stacks:\n{stack}", elapsed_s=time.monotonic() - start
+                )
+            path = out / f"rank{r}.pt"
+            if path.exists():
+                saved = torch.load(path, weights_only=False)
+                outcomes[r].result = saved["result"]
+                outcomes[r].error = saved["error"] or outcomes[r].error
+            elif outcomes[r].error is None and outcomes[r].exitcode != 0:
+                outcomes[r].error = f"exited with code {outcomes[r].exitcode} without a result"
+    del store
+    return [o for o in outcomes if o is not None], init_failed
+
+
 def launch_outcomes(
     fn: Callable[..., Any],
     world_size: int,
@@ -709,14 +785,22 @@ def launch_outcomes(
     timeout_s: float = 120.0,
     pg_timeout_s: float = 30.0,
     start_method: str | None = None,
+    init_timeout_s: float | None = None,
+    init_retries: int = 2,
     **kwargs: Any,
 ) -> list[RankOutcome]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo processes on 127.0.0.1 and report each.
 
     Every rank gets the default process group (timeout ``pg_timeout_s``) and one CPU thread; ranks
-    still running after ``timeout_s`` are killed. ``start_method`` defaults to "fork" on Linux
-    (while CUDA is not initialized) and "spawn" elsewhere; with "spawn", ``fn`` must be importable
-    (defined at module level).
+    still running after ``timeout_s`` are killed (their Python stacks go into the error).
+    ``start_method`` defaults to "fork" on Linux (while CUDA and torch.distributed are not
+    initialized here) and "spawn" elsewhere; with "spawn", ``fn`` must be importable.
+
+    Setting up gloo's connections between freshly started processes occasionally fails or stalls
+    on a busy machine; if the process group is not up on every rank within ``init_timeout_s``
+    (default 10 s with fork, 120 s with spawn), all ranks are killed and started again, up to
+    ``init_retries`` times (ranks that had already started ``fn`` start it again: it should be
+    safe to repeat, as the checks here are).
     """
     import multiprocessing as mp
 
@@ -726,42 +810,16 @@ def launch_outcomes(
         fork_ok = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
         fork_ok = fork_ok and not (dist.is_available() and dist.is_initialized())
         start_method = "fork" if fork_ok else "spawn"
+    if init_timeout_s is None:
+        init_timeout_s = 10.0 if start_method == "fork" else 120.0
     ctx = mp.get_context(start_method)
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
-    outcomes: list[RankOutcome | None] = [None] * world_size
-    with tempfile.TemporaryDirectory(prefix="glm4moe_ep_") as out_dir:
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(r, world_size, store.port, fn, args, kwargs, out_dir, pg_timeout_s),
-                daemon=True,
-            )
-            for r in range(world_size)
-        ]
-        start = time.monotonic()
-        for p in procs:
-            p.start()
-        while time.monotonic() - start < timeout_s and any(o is None for o in outcomes):
-            for r, p in enumerate(procs):
-                if outcomes[r] is None and p.exitcode is not None:
-                    outcomes[r] = RankOutcome(r, p.exitcode, elapsed_s=time.monotonic() - start)
-            time.sleep(0.05)
-        for r, p in enumerate(procs):
-            if outcomes[r] is None:  # still running: kill it
-                p.kill()
-                p.join(5)
-                outcomes[r] = RankOutcome(
-                    r, None, error=f"still running after timeout_s={timeout_s}: killed", elapsed_s=timeout_s
-                )
-            path = Path(out_dir) / f"rank{r}.pt"
-            if path.exists():
-                saved = torch.load(path, weights_only=False)
-                outcomes[r].result = saved["result"]
-                outcomes[r].error = saved["error"] or outcomes[r].error
-            elif outcomes[r].error is None and outcomes[r].exitcode != 0:
-                outcomes[r].error = f"exited with code {outcomes[r].exitcode} without a result"
-    del store
-    return [o for o in outcomes if o is not None]
+    for _ in range(init_retries + 1):
+        outcomes, init_failed = _launch_once(
+            ctx, fn, world_size, args, kwargs, timeout_s, pg_timeout_s, min(init_timeout_s, timeout_s)
+        )
+        if not init_failed:
+            break
+    return outcomes
 
 
 def launch(
