@@ -152,7 +152,8 @@ def plot_specialization(
         )
         best = m.argmax(1)
         for d, e in enumerate(best):
-            ax.text(e, d, "★", ha="center", va="center", color="white", fontsize=9)
+            color = "black" if m[d, e] > 0.6 * vmax else "white"  # readable on viridis
+            ax.text(e, d, "★", ha="center", va="center", color=color, fontsize=9)
     fig.suptitle(f"{title}  (uniform = 1/{n_experts} = {1 / n_experts:.3f}; ★ = favourite)")
     fig.tight_layout()
     return close(fig)
