@@ -237,6 +237,10 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     """A copy of a named model preset, optionally with some fields changed."""
     if name not in MODEL_PRESETS:
         raise ValueError(f"preset={name!r} is not known: use one of {sorted(MODEL_PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model_overrides has unknown field(s) {unknown}: allowed are {sorted(known)}")
     return MODEL_PRESETS[name].replace(**overrides)
 
 

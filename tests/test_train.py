@@ -144,6 +144,7 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, corpus):
         (dict(model_overrides={"first_k_dense_replace": 9}), r"first_k_dense_replace=9"),
         (dict(seq_len=4096), r"seq_len=4096 .*max_position_embeddings=64"),
         (dict(steps=0), r"steps=0"),
+        (dict(model_overrides={"hidden_sise": 8}), r"unknown field.*hidden_sise"),
     ],
 )
 def test_bad_config_is_a_clear_error(kw, match):
