@@ -558,6 +558,12 @@ def train(
                 metrics["eval"].append(ev)
             if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == end:
                 checkpoint(done)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        where = f"{last_good}" if last_good is not None else "none was written"
+        print(f"interrupted at step {step + 1}; last good checkpoint: {where}", file=sys.stderr)
+        raise
     except Exception as exc:
         if bar is not None:
             bar.close()
