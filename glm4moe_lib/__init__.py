@@ -1,7 +1,9 @@
 """glm4moe_lib: the GLM-4 / GLM-4.5 Mixture-of-Experts layer, built the way the course teaches it.
 
 Modules follow the lessons: ``config`` (MoEConfig), ``router``, ``experts``, ``dispatch``,
-``moe`` (the full layer), ``balance`` (losses and metrics), and ``device`` (pick_device).
+``moe`` (the full layer), ``balance`` (losses and metrics), ``model`` / ``train`` / ``data`` (a tiny
+GLM-4-style language model), ``parallel`` (expert parallelism), ``bench``, ``viz``, ``widgets``,
+``exercises``, and ``device`` (pick_device).
 """
 
 from .balance import (
@@ -19,6 +21,7 @@ from .config import ARCHS, PRESETS, ArchConfig, MoEConfig, preset
 from .device import available_devices, pick_device
 from .dispatch import dense_reference, dispatch_combine, loop_dispatch, plan_dispatch, sorted_dispatch
 from .experts import MLP, Experts, swiglu
+from .model import DecoderLayer, GLMMoEModel, ModelConfig, model_preset
 from .moe import MoE
 from .router import RouterOutput, TopkRouter, compute_scores, group_limited_mask, route
 
@@ -26,6 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS",
+    "DecoderLayer",
+    "GLMMoEModel",
+    "ModelConfig",
     "MLP",
     "PRESETS",
     "ArchConfig",
@@ -44,6 +50,7 @@ __all__ = [
     "load_entropy",
     "loop_dispatch",
     "max_violation",
+    "model_preset",
     "pick_device",
     "plan_dispatch",
     "preset",
