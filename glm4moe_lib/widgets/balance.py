@@ -10,40 +10,20 @@ of the controls by name), ``output``, ``figure`` (the last figure drawn), ``redr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import ipywidgets as widgets
-from IPython.display import display
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..lab import LabResult
 from ..viz.balance import plot_training_step
 from ..viz.dispatch import plot_capacity_drops
+from .core import attach_redraw
 
 __all__ = ["capacity_explorer", "training_explorer"]
 
 _STYLE = {"description_width": "initial"}
-
-
-def _attach(box: widgets.VBox, controls: dict, output: widgets.Output, draw: Callable[[], Figure]) -> None:
-    box.controls = controls
-    box.output = output
-    box.figure = None
-    box.redraw_count = 0
-
-    def redraw(*_) -> None:
-        fig = draw()
-        box.figure = fig
-        box.redraw_count += 1
-        with output:
-            output.clear_output(wait=True)
-            display(fig)
-
-    box.redraw = redraw
-    for control in controls.values():
-        control.observe(redraw, names="value")
-    redraw()
 
 
 def training_explorer(
@@ -73,7 +53,7 @@ def training_explorer(
     def draw() -> Figure:
         return plot_training_step(results[controls["method"].value], controls["step"].value)
 
-    _attach(box, controls, output, draw)
+    attach_redraw(box, controls, output, draw)
     return box
 
 
@@ -104,5 +84,5 @@ def capacity_explorer(
         factor = controls["capacity_factor"].value
         return plot_capacity_drops(routings[name], num_experts, factor, title="")
 
-    _attach(box, controls, output, draw)
+    attach_redraw(box, controls, output, draw)
     return box

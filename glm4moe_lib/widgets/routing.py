@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import ipywidgets as widgets
 import torch
-from IPython.display import display
 from matplotlib.figure import Figure
 
 from ..config import MoEConfig
 from ..router import RouterOutput, route
 from ..viz.routing import plot_capacity, plot_routing
+from .core import attach_redraw
 
 __all__ = [
     "capacity_calculator",
@@ -95,26 +95,6 @@ def routing_explorer_figure(
     return plot_routing(routing, tokens, show=show, title=title), routing
 
 
-def _attach(box: widgets.VBox, controls: dict, output: widgets.Output, draw: Callable[[], Figure]) -> None:
-    box.controls = controls
-    box.output = output
-    box.figure = None
-    box.redraw_count = 0
-
-    def redraw(*_):
-        fig = draw()
-        box.figure = fig
-        box.redraw_count += 1
-        with output:
-            output.clear_output(wait=True)
-            display(fig)
-
-    box.redraw = redraw
-    for control in controls.values():
-        control.observe(redraw, names="value")
-    redraw()
-
-
 def routing_explorer(
     x: torch.Tensor | None = None,
     tokens: Sequence[str] | None = None,
@@ -170,7 +150,7 @@ def routing_explorer(
         box.routing = routing
         return fig
 
-    _attach(box, controls, output, draw)
+    attach_redraw(box, controls, output, draw)
     return box
 
 
@@ -215,5 +195,5 @@ def capacity_calculator(
     def draw() -> Figure:
         return plot_capacity(**{n: c.value for n, c in controls.items()})
 
-    _attach(box, controls, output, draw)
+    attach_redraw(box, controls, output, draw)
     return box
