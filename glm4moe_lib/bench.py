@@ -48,6 +48,8 @@ HF_IMPLS = ("eager", "grouped_mm")
 #: the library strategies timed by default ("dense" is O(T·E) work: only up to DENSE_MAX_TOKENS)
 LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "dense")
 DENSE_MAX_TOKENS = 64
+#: gather_bmm copies T·K experts' weights: timed only while T·K <= GATHER_MAX_PAIRS * E
+GATHER_MAX_PAIRS = 2
 #: the per-expert Python loops pay one full-size zero gradient per touched expert in backward
 #: (``weight[e]``'s backward): their forward+backward is timed up to this T only (hf:eager always)
 LOOPS_BWD_MAX_TOKENS = 1
@@ -201,7 +203,11 @@ def _calibrate(step: Callable[[], None], device, min_sample_s: float, clock=time
 def time_interleaved(
     steps: dict[str, Callable[[], None]], device, repeats: int, min_sample_s: float, clock: str = "wall"
 ) -> dict[str, dict[str, float]]:
-    """Time every step ``repeats`` times, round-robin; per-call min and median in seconds."""
+    """Time every step ``repeats`` times, round-robin; per-call min and median in seconds.
+
+    Each sample follows one untimed call of the same step, so no contender pays for the cache
+    misses of the one before it (the layers do not share weights with each other).
+    """
     if clock not in CLOCKS:
         raise ValueError(f"clock={clock!r} is not allowed: use one of {sorted(CLOCKS)}")
     if clock == "cpu" and device.type != "cpu":
@@ -211,6 +217,7 @@ def time_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            step()  # untimed: every contender starts warm, whatever ran before it
             _sync(device)
             t0 = now()
             for _ in range(calls[name]):
@@ -272,11 +279,17 @@ def run(
                     for impl, layer in hf_layers.items()
                 }
             touched = int((counts > 0).sum())
-            auto = choose_strategy(x, routing_out.topk_indices, config.n_routed_experts)
             for mode in modes:
+                with torch.set_grad_enabled(mode != "forward"):  # as the timed calls run
+                    auto = choose_strategy(x, routing_out.topk_indices, config.n_routed_experts)
                 steps: dict[str, Callable[[], None]] = {}
                 for s in strategies:
                     if s == "dense" and t > DENSE_MAX_TOKENS:
+                        continue
+                    if (
+                        s == "gather_bmm"
+                        and t * config.num_experts_per_tok > GATHER_MAX_PAIRS * config.n_routed_experts
+                    ):
                         continue
                     if s in ("loop", "sorted") and mode != "forward" and t > LOOPS_BWD_MAX_TOKENS:
                         continue

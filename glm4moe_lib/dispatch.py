@@ -15,9 +15,9 @@ and differs only in how the work is laid out:
 
 The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
 
-* ``gather_bmm`` (a token or two): copy the K chosen experts' weights of every token into one
+* ``gather_bmm`` (a token or two, on accelerators): copy the K chosen experts' weights of every token into one
   batch and run two ``torch.bmm`` calls: 2 kernels instead of 2·K small ones, no sort, no sync.
-* ``padded`` (more tokens): sort by expert, lay each expert's tokens into a padded slab
+* ``padded`` (more tokens; what ``auto`` picks on CUDA without a grouped GEMM): sort by expert, lay each expert's tokens into a padded slab
   [experts, C, H] with C about the mean load, and run two ``torch.bmm`` calls over all experts
   at once. Experts with more than C tokens (skewed routing) run on their own, so the slab is never
   bigger than about 2·T·K rows: no [T, E, H] tensor even when one expert gets every token.
@@ -25,8 +25,10 @@ The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
   experts with the block offsets: one kernel on CUDA (bf16, sm80+); on CPU (torch >= 2.9) a C++
   loop of GEMMs on views of the weights, which beats the Python loops there.
 
-Routing weights are float32; each expert's output is multiplied by its weight in float32 and
-cast back to the input dtype before the sum (as transformers does).
+Routing weights are float32; each expert's output is multiplied by its weight in float32. The
+reference paths cast back to the input dtype before the scatter-add (as transformers' eager loop
+does); the fast paths put the rows back in (token, slot) order and sum the K slots in float32 (as
+transformers' grouped_mm path does): deterministic, and more accurate in bf16.
 """
 
 from __future__ import annotations
@@ -290,28 +292,48 @@ STRATEGIES: dict[str, Callable[..., Tensor]] = {
     "grouped_mm": grouped_mm_dispatch,
 }
 
-#: gather_bmm while T·K <= this fraction of E (it copies T·K experts' weights).
+#: "small": T·K <= this fraction of E (gather_bmm copies T·K experts' weights).
 GATHER_MAX_PAIRS_PER_EXPERT = 0.125
 
 
-def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int) -> str:
-    """The strategy "auto" resolves to for this shape and device.
+#: CPU inference: the per-expert loop from this mean load (rows per expert) up.
+LOOP_MIN_ROWS_PER_EXPERT = 128
 
-    * T·K <= E/8 (decoding, a token or two): ``gather_bmm``: two batched GEMMs, no sort, no sync.
-    * CUDA, bf16/fp16, grouped GEMM available (sm80+), hidden width a multiple of 8: ``grouped_mm``.
-    * other CUDA/MPS: ``padded``: two batched GEMMs over a slab of about T·K rows, no per-expert
-      launches.
-    * CPU: ``grouped_mm`` where torch has its CPU kernel (torch >= 2.9: a C++ loop of GEMMs over
-      views of the weights, no copies, no Python per expert; measured the fastest here from
-      T=4 up), else ``sorted``. (``padded`` on CPU reads every expert's weights even when few are
-      used, and its batched GEMM is no faster than the per-expert ones: measured slower.)
+
+def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int) -> str:
+    """The strategy "auto" resolves to for this shape and device (measured: ``bench/``).
+
+    On CPU (weights stay where they are; what costs is copies, passes over memory, and ops):
+
+    * no gradient needed (inference): T·K <= E/8 (a token or two): ``sorted`` (8 small GEMMs
+      on views of the weights beat copying the 8 experts for ``gather_bmm``); >= 128 rows per
+      expert: ``loop`` (each expert's gather, GEMMs and scatter run while its rows are in cache:
+      faster than one grouped GEMM over all [T·K, H] rows); in between ``grouped_mm``.
+    * gradients needed: ``grouped_mm`` (the loops' ``weight[e]`` costs a full-size zero gradient
+      per expert in backward).
+    * ``grouped_mm`` needs torch >= 2.9's CPU kernel (a C++ loop of GEMMs over views of the
+      weights); without it: ``sorted`` for inference, ``padded`` with gradients.
+
+    On CUDA and other accelerators (every op is a kernel launch; host syncs stall):
+
+    * T·K <= E/8 (decoding): ``gather_bmm``: two batched GEMMs, no sort, no sync.
+    * bf16/fp16, grouped GEMM available (sm80+), hidden width a multiple of 8: ``grouped_mm``.
+    * otherwise ``padded``: two batched GEMMs over a slab of about T·K rows.
     """
     pairs = top_k_index.numel()
     device = hidden_states.device
-    if pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts:
-        return "gather_bmm"
+    small = pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts
     if device.type == "cpu":
-        return "grouped_mm" if grouped_mm_available(device) else "sorted"
+        inference = not torch.is_grad_enabled()
+        if inference and small:
+            return "sorted"
+        if inference and pairs >= LOOP_MIN_ROWS_PER_EXPERT * num_experts:
+            return "loop"
+        if grouped_mm_available(device):
+            return "grouped_mm"
+        return "sorted" if inference else "padded"
+    if small:
+        return "gather_bmm"
     if (
         device.type == "cuda"
         and hidden_states.dtype in (torch.bfloat16, torch.float16)

@@ -107,14 +107,20 @@ def test_choose_strategy_cpu_by_shape(monkeypatch):
     e, k = 128, 8
     idx = lambda t: torch.zeros(t, k, dtype=torch.long)  # noqa: E731
     x = lambda t: torch.zeros(t, 512)  # noqa: E731
-    assert choose_strategy(x(1), idx(1), e) == "gather_bmm"
-    assert choose_strategy(x(2), idx(2), e) == "gather_bmm"  # T*K = E/8
-    cpu_kernel = "grouped_mm" if dispatch.grouped_mm_available("cpu") else "sorted"
-    for t in (3, 16, 64, 1024, 4096):
+    cpu_kernel = "grouped_mm" if dispatch.grouped_mm_available("cpu") else "padded"
+    for t in (1, 2, 3, 16, 64, 1024, 4096):  # with gradients
         assert choose_strategy(x(t), idx(t), e) == cpu_kernel
         assert choose_strategy(x(t).bfloat16(), idx(t), e) == cpu_kernel
+    with torch.no_grad():  # inference
+        assert choose_strategy(x(1), idx(1), e) == "sorted"
+        assert choose_strategy(x(2), idx(2), e) == "sorted"  # T*K = E/8
+        assert choose_strategy(x(16), idx(16), e) == cpu_kernel.replace("padded", "sorted")
+        assert choose_strategy(x(1024), idx(1024), e) == cpu_kernel.replace("padded", "sorted")
+        assert choose_strategy(x(2048), idx(2048), e) == "loop"  # >= 128 rows per expert
     monkeypatch.setattr(dispatch, "grouped_mm_available", lambda device=None: False)
-    assert choose_strategy(x(64), idx(64), e) == "sorted"  # older torch: no CPU grouped GEMM
+    assert choose_strategy(x(64), idx(64), e) == "padded"  # older torch, training
+    with torch.no_grad():
+        assert choose_strategy(x(64), idx(64), e) == "sorted"  # older torch, inference
 
 
 def test_choose_strategy_grouped_mm_where_supported(monkeypatch):
@@ -128,7 +134,7 @@ def test_choose_strategy_grouped_mm_where_supported(monkeypatch):
         expect = "grouped_mm" if dispatch.grouped_mm_available(xc.device) else "padded"
         assert choose_strategy(xc, ic, 128) == expect
         assert choose_strategy(xc.float(), ic, 128) == "padded"  # fp32 on CUDA: batched GEMMs
-        assert choose_strategy(xc[:1], ic[:1], 128) == "gather_bmm"  # decoding
+        assert choose_strategy(xc[:1], ic[:1], 128) == "gather_bmm"  # decoding: no sort, no sync
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
