@@ -215,8 +215,10 @@ def time_interleaved(
     now = CLOCKS[clock]
     calls = {name: _calibrate(step, device, min_sample_s, now) for name, step in steps.items()}
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # a different one starts each round
+            step = steps[name]
             step()  # untimed: every contender starts warm, whatever ran before it
             _sync(device)
             t0 = now()

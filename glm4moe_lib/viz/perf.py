@@ -21,7 +21,7 @@ DEFAULT_SERIES: dict[str, tuple[str, str]] = {
     "lib:padded": (PALETTE[6], "--"),
     "lib:grouped_mm": (PALETTE[1], "--"),
     "hf:eager": (PALETTE[3], "-"),
-    "hf:grouped_mm": (PALETTE[7], "-."),
+    "hf:grouped_mm": ("#7f7f7f", "-."),
 }
 
 
@@ -62,6 +62,14 @@ def plot_times(
             ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in pts]
             width = 2.6 if name == "lib:auto" else 1.6
             ax.plot([t for t, _ in pts], ys, style, color=colour, lw=width, marker="o", ms=4, label=name)
+        floor = [
+            (r["tokens"], r["timings"]["floor:dense_grads"])
+            for r in rows
+            if "floor:dense_grads" in r["timings"]
+        ]
+        if floor:  # forward+backward: zero-filling every parameter's dense gradient
+            ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in floor]
+            ax.plot([t for t, _ in floor], ys, color="grey", lw=2, ls=(0, (1, 1)), label="floor: dense grads")
         limit = [1.0 if ratio else r["limit_s"] * 1e3 for r in rows]
         ax.plot(tokens, limit, color="black", lw=3, label="limit", zorder=5)
         if ratio:
