@@ -189,15 +189,20 @@ def _sync(device: torch.device) -> None:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _calibrate(step: Callable[[], None], device, min_sample_s: float, clock=time.perf_counter) -> int:
-    """Calls per timed sample so that one sample lasts at least ``min_sample_s``."""
+def _calibrate(step: Callable[[], None], device, min_sample_s: float, clock=time.perf_counter):
+    """(calls per timed sample so that one lasts at least ``min_sample_s``, one warm call's time)."""
     step()
     _sync(device)
     t0 = clock()
     step()
     _sync(device)
     dt = max(clock() - t0, 1e-7)
-    return max(1, min(1000, math.ceil(min_sample_s / dt)))
+    return max(1, min(1000, math.ceil(min_sample_s / dt))), dt
+
+
+#: a call slower than this is sampled at most SLOW_SAMPLES times (its calibration call included)
+SLOW_CALL_S = 0.25
+SLOW_SAMPLES = 3
 
 
 def time_interleaved(
@@ -205,21 +210,30 @@ def time_interleaved(
 ) -> dict[str, dict[str, float]]:
     """Time every step ``repeats`` times, round-robin; per-call min and median in seconds.
 
-    Each sample follows one untimed call of the same step, so no contender pays for the cache
-    misses of the one before it (the layers do not share weights with each other).
+    Each sample of a fast step follows one untimed call of it, so no contender pays for the cache
+    misses of the one before it (the layers do not share weights with each other); the round
+    starts with a different contender each time. Steps slower than ``SLOW_CALL_S`` per call get
+    ``SLOW_SAMPLES`` samples (their calibration call included), which keeps the full run short.
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock={clock!r} is not allowed: use one of {sorted(CLOCKS)}")
     if clock == "cpu" and device.type != "cpu":
         raise ValueError("clock='cpu' is not allowed on an accelerator: GPU time is not CPU time")
     now = CLOCKS[clock]
-    calls = {name: _calibrate(step, device, min_sample_s, now) for name, step in steps.items()}
-    samples: dict[str, list[float]] = {name: [] for name in steps}
+    calls: dict[str, int] = {}
+    samples: dict[str, list[float]] = {}
+    for name, step in steps.items():
+        calls[name], first = _calibrate(step, device, min_sample_s, now)
+        # a slow call is its own warm-up: its calibration run counts as a sample
+        samples[name] = [first] if first >= SLOW_CALL_S else []
     names = list(steps)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # a different one starts each round
+            if samples[name] and samples[name][0] >= SLOW_CALL_S and len(samples[name]) >= SLOW_SAMPLES:
+                continue  # slow contenders (the loops' backward): a few samples are enough
             step = steps[name]
-            step()  # untimed: every contender starts warm, whatever ran before it
+            if calls[name] > 1:
+                step()  # untimed: a fast contender starts warm, whatever ran before it
             _sync(device)
             t0 = now()
             for _ in range(calls[name]):
@@ -440,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         strategies=args.strategies
         or (("auto", "loop", "sorted", "gather_bmm", "padded") if quick else LIB_STRATEGIES),
         hf_impls=HF_IMPLS if args.hf is None else args.hf,
-        repeats=args.repeats or (3 if quick else 7),
+        repeats=args.repeats or (3 if quick else 5),
         clock=args.clock,
         min_sample_s=args.min_sample or (0.005 if quick else 0.01),
     )
