@@ -95,9 +95,10 @@ def loop_dispatch(
 ) -> Tensor:
     """For each expert that got tokens: gather them, run it, weight, scatter-add back."""
     out = torch.zeros_like(hidden_states)  # [T, H]
+    gate_ups, downs = gate_up_proj.unbind(0), down_proj.unbind(0)  # views: one gradient buffer each
     for e in torch.unique(top_k_index).tolist():
         token_idx, slot = torch.where(top_k_index == e)  # [n] each
-        y = swiglu(hidden_states[token_idx], gate_up_proj[e], down_proj[e], act_fn)  # [n, H]
+        y = swiglu(hidden_states[token_idx], gate_ups[e], downs[e], act_fn)  # [n, H]
         y = y * top_k_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
@@ -114,10 +115,11 @@ def sorted_dispatch(
     """Sort pairs by expert, run each contiguous block, weighted scatter-add back (dropless)."""
     plan = plan_dispatch(top_k_index, gate_up_proj.shape[0])
     x_sorted = hidden_states[plan.token_ids]  # [T*K, H], grouped by expert
+    gate_ups, downs = gate_up_proj.unbind(0), down_proj.unbind(0)  # views: one gradient buffer each
     blocks = []
     for e, (start, end) in enumerate(zip(plan.offsets[:-1].tolist(), plan.offsets[1:].tolist())):
         if end > start:
-            blocks.append(swiglu(x_sorted[start:end], gate_up_proj[e], down_proj[e], act_fn))
+            blocks.append(swiglu(x_sorted[start:end], gate_ups[e], downs[e], act_fn))
     y_sorted = torch.cat(blocks) if blocks else x_sorted  # [T*K, H]
     w_sorted = top_k_weights.reshape(-1)[plan.order, None]  # [T*K, 1] float32
     out = torch.zeros_like(hidden_states)
@@ -262,6 +264,12 @@ def grouped_mm_available(device: torch.device | str | None = None) -> bool:
     return False
 
 
+def grouped_mm_fits(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM accepts these widths: every row stride a multiple of 16 bytes."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
+
+
 def grouped_mm_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -275,6 +283,10 @@ def grouped_mm_dispatch(
     No host sync: the block ends (``offsets``) stay on the device, empty experts are skipped by
     the kernel. Weights are used as stored, transposed views [E, H, 2I] and [E, I, H].
     """
+    if not grouped_mm_fits(hidden_states.shape[-1], down_proj.shape[-1], hidden_states.dtype):
+        # The kernel needs 16-byte-aligned rows; tiny teaching widths fall back to the same math
+        # on the sorted blocks.
+        return sorted_dispatch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)
     plan = plan_dispatch(top_k_index, gate_up_proj.shape[0])
     offs = plan.offsets[1:].to(torch.int32)  # [E] block ends
     x_sorted = hidden_states[plan.token_ids]  # [S, H]
@@ -344,6 +356,31 @@ def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int
     return "padded"
 
 
+def _check_routing(
+    hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, num_experts: int
+) -> None:
+    """Clear errors for routing tensors that do not fit the batch or the experts."""
+    tokens = hidden_states.shape[0]
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}: expected [tokens, hidden]")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens:
+        raise ValueError(
+            f"top_k_index has shape {tuple(top_k_index.shape)}: expected [tokens={tokens}, top_k]"
+        )
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_weights has shape {tuple(top_k_weights.shape)}: it must match top_k_index "
+            f"{tuple(top_k_index.shape)}"
+        )
+    if top_k_index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
+    if top_k_index.numel() and (int(top_k_index.min()) < 0 or int(top_k_index.max()) >= num_experts):
+        raise ValueError(
+            f"top_k_index holds expert ids from {int(top_k_index.min())} to {int(top_k_index.max())}: "
+            f"they must lie in [0, {num_experts})"
+        )
+
+
 def dispatch_combine(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -358,6 +395,11 @@ def dispatch_combine(
         strategy = choose_strategy(hidden_states, top_k_index, gate_up_proj.shape[0])
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not allowed: use 'auto' or one of {sorted(STRATEGIES)}")
+    _check_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj.shape[0])
     if hidden_states.shape[0] == 0:
-        return torch.zeros_like(hidden_states)
+        # Nothing to compute, but stay on the autograd graph (as a real batch would): a caller that
+        # backpropagates through an empty batch, e.g. an expert-parallel rank that received no
+        # tokens, must still reach the weights.
+        anchor = gate_up_proj.reshape(-1)[:1].sum() + down_proj.reshape(-1)[:1].sum()
+        return hidden_states * 0 + (anchor * 0).to(hidden_states.dtype)
     return STRATEGIES[strategy](hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)

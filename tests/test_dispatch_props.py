@@ -102,3 +102,29 @@ def test_shape_dtype_device_follow_input(device):
     for name in STRATEGIES:
         out = moe.experts(x, routing.topk_indices, routing.topk_weights, strategy=name)
         assert out.shape == x.shape and out.device.type == device.type and out.dtype == x.dtype
+
+
+def test_empty_batch_stays_on_the_graph():
+    # No shared expert: the routed experts alone must still backpropagate through an empty batch.
+    moe = MoE(MoEConfig(n_shared_experts=0))
+    for name in STRATEGIES:
+        moe.zero_grad()
+        x = torch.randn(0, 64, requires_grad=True)
+        moe.experts(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), strategy=name).sum().backward()
+        assert moe.experts.gate_up_proj.grad is not None and not moe.experts.gate_up_proj.grad.any(), name
+        assert x.grad is not None and x.grad.shape == (0, 64), name
+
+
+def test_routing_that_does_not_fit_gets_a_clear_error():
+    import pytest
+
+    experts = MoE(MoEConfig()).experts
+    x, w = torch.randn(3, 64), torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"expert ids from 0 to 8: they must lie in \[0, 8\)"):
+        experts(x, torch.tensor([[0, 8], [1, 2], [3, 4]]), w)
+    with pytest.raises(ValueError, match=r"top_k_index has shape \(2, 2\): expected \[tokens=3, top_k\]"):
+        experts(x, torch.zeros(2, 2, dtype=torch.long), w[:2])
+    with pytest.raises(ValueError, match="top_k_weights has shape"):
+        experts(x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="integer"):
+        experts(x, torch.zeros(3, 2), w)
