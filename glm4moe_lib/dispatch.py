@@ -66,6 +66,35 @@ def plan_dispatch(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
     return DispatchPlan(order, order // top_k, flat_experts[order], counts, offsets)
 
 
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """GShard / Switch capacity: each expert takes at most ``ceil(factor * T * K / E)`` pairs."""
+    if not capacity_factor > 0 or math.isinf(capacity_factor):
+        raise ValueError(
+            f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
+        )
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep_mask(top_k_index: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Which (token, slot) pairs fit when each expert takes at most ``capacity``: [T, K] bool.
+
+    Priority as in GShard: the first choices of all tokens before the second choices, and so on;
+    within one choice, tokens in order. Sort-based, so memory is O(T·K), not O(T·K·E).
+    """
+    if not isinstance(top_k_index, Tensor) or top_k_index.dim() != 2:
+        shape = tuple(top_k_index.shape) if isinstance(top_k_index, Tensor) else type(top_k_index).__name__
+        raise ValueError(f"top_k_index has shape {shape}: expected [tokens, K]")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    top_k = top_k_index.shape[-1]
+    slot_major = top_k_index.T.reshape(-1, 1)  # [K*T, 1]: all first choices, then all second ...
+    plan = plan_dispatch(slot_major, num_experts)  # stable: queue order within each expert
+    position = torch.arange(plan.order.numel(), device=top_k_index.device) - plan.offsets[plan.expert_ids]
+    keep = torch.empty(plan.order.numel(), dtype=torch.bool, device=top_k_index.device)
+    keep[plan.order] = position < capacity  # [K*T] back from expert order to slot-major order
+    return keep.view(top_k, -1).T  # [T, K]
+
+
 def dense_reference(
     hidden_states: Tensor,
     top_k_index: Tensor,

@@ -33,7 +33,6 @@ Run the check on N local processes::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import sys
@@ -51,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import MoEConfig, preset
-from .dispatch import dispatch_combine, plan_dispatch
+from .dispatch import capacity_keep_mask, dispatch_combine, expert_capacity, plan_dispatch
 from .experts import ACT_FNS, MLP
 from .moe import MoE
 from .router import TopkRouter
@@ -119,25 +118,8 @@ def traffic_matrix(topk_indices_per_rank: Sequence[Tensor], num_experts: int, wo
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Pairs each expert accepts from one rank: ceil(capacity_factor * tokens * top_k / num_experts)."""
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r} is not allowed: it must be > 0 (or None)")
-    return math.ceil(capacity_factor * tokens * top_k / num_experts)
-
-
-def capacity_keep_mask(topk_indices: Tensor, num_experts: int, cap: int) -> Tensor:
-    """[T, K] bool: which (token, slot) pairs fit when each expert takes at most ``cap`` of them.
-
-    Priority as in lesson 05 (GShard): the first choices of all tokens before the second choices,
-    and so on; within one choice, tokens in order.
-    """
-    top_k = topk_indices.shape[-1]
-    slot_major = topk_indices.T.reshape(-1, 1)  # [K*T, 1]: all first choices, then all second ...
-    plan = plan_dispatch(slot_major, num_experts)  # stable: queue order within each expert
-    position = torch.arange(plan.order.numel(), device=topk_indices.device) - plan.offsets[plan.expert_ids]
-    keep = torch.empty(plan.order.numel(), dtype=torch.bool, device=topk_indices.device)
-    keep[plan.order] = position < cap  # [K*T] back from expert order to slot-major order
-    return keep.view(top_k, -1).T  # [T, K]
+    """Pairs each expert accepts from one rank (lesson 05's ``expert_capacity``, argument order of this module)."""
+    return expert_capacity(tokens, num_experts, top_k, capacity_factor)
 
 
 def a2a_bytes_formula(tokens: int, top_k: int, hidden_size: int, world_size: int, elem_size: int) -> float:

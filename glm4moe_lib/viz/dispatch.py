@@ -7,7 +7,6 @@ and its exercises use them too. Every ``plot_*`` returns a closed figure (shown 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -16,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..dispatch import plan_dispatch
+from ..dispatch import capacity_keep_mask, expert_capacity, plan_dispatch
 from .core import PALETTE, close, to_numpy
 
 __all__ = [
@@ -40,26 +39,6 @@ def _check_index(top_k_index: Tensor, num_experts: int) -> None:
         raise ValueError(f"top_k_index has shape {shape}: expected [tokens, K]")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
-
-
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """GShard / Switch capacity: each expert takes at most ``ceil(factor * T * K / E)`` pairs."""
-    if not capacity_factor > 0 or math.isinf(capacity_factor):
-        raise ValueError(
-            f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
-        )
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
-
-
-def capacity_keep_mask(top_k_index: Tensor, num_experts: int, capacity: int) -> Tensor:
-    """Which (token, slot) pairs fit: [T, K] bool. Each expert keeps its first ``capacity`` pairs,
-    first choices of all tokens before second choices (GShard's priority), tokens in order."""
-    _check_index(top_k_index, num_experts)
-    t, k = top_k_index.shape
-    slot_major = top_k_index.T.reshape(-1)  # [K*T]: all first choices, then all second choices
-    one_hot = torch.nn.functional.one_hot(slot_major, num_experts)  # [K*T, E]
-    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # [K*T] place in its expert's queue
-    return (position < capacity).reshape(k, t).T  # [T, K]
 
 
 def capacity_drops(top_k_index: Tensor, num_experts: int, capacity_factor: float) -> tuple[int, int]:
