@@ -40,7 +40,7 @@ browser: setup
 	$(BIN)/pytest -m browser tests/test_browser.py
 
 nbtest: setup
-	$(BIN)/pytest $(NBVAL) -n $(JOBS) --dist loadfile notebooks/*.ipynb
+	env -u MPLBACKEND $(BIN)/pytest $(NBVAL) -n $(JOBS) --dist loadfile notebooks/*.ipynb
 
 # Re-run every lesson top to bottom and store the outputs (do this before committing a notebook).
 notebooks: setup

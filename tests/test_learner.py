@@ -10,7 +10,10 @@ from glm4moe_lib.exercises.learner import BEGIN, END, STUB, main, make_learner_n
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-LESSONS = ["01_revisiting_moe", "02_glm4_moe_architecture", "03_router", "04_experts"]
+# Every lesson with exercises (a solution between markers) has a learner version to test.
+LESSONS = sorted(
+    p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb") if "### BEGIN SOLUTION" in p.read_text()
+)
 
 SOLVED = f"""def f(x):
     y = x + 1
