@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
+# (as root, e.g. in a container, JupyterLab needs --allow-root)
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 course: setup
-	$(BIN)/jupyter lab notebooks/00_setup.ipynb
+	$(BIN)/jupyter lab $(ROOT_FLAG) notebooks/00_setup.ipynb
 
 test: setup lint unit browser nbtest
 
