@@ -112,8 +112,8 @@ def test_choose_strategy_cpu_by_shape(monkeypatch):
         assert choose_strategy(x(t), idx(t), e) == cpu_kernel
         assert choose_strategy(x(t).bfloat16(), idx(t), e) == cpu_kernel
     with torch.no_grad():  # inference
-        assert choose_strategy(x(1), idx(1), e) == "sorted"
-        assert choose_strategy(x(2), idx(2), e) == "sorted"  # T*K = E/8
+        assert choose_strategy(x(1), idx(1), e) == "gather_bmm"
+        assert choose_strategy(x(2), idx(2), e) == "gather_bmm"  # T*K = E/8
         assert choose_strategy(x(16), idx(16), e) == cpu_kernel.replace("padded", "sorted")
         assert choose_strategy(x(1024), idx(1024), e) == cpu_kernel.replace("padded", "sorted")
         assert choose_strategy(x(2048), idx(2048), e) == "loop"  # >= 128 rows per expert
