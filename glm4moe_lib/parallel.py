@@ -62,7 +62,6 @@ __all__ = [
     "RankOutcome",
     "a2a_bytes_formula",
     "all_to_all",
-    "capacity",
     "capacity_keep_mask",
     "check_world_size",
     "comm_bytes_per_token",
@@ -115,11 +114,6 @@ def traffic_matrix(topk_indices_per_rank: Sequence[Tensor], num_experts: int, wo
             f"(world_size={world_size})"
         )
     return torch.stack([send_counts(idx, num_experts, world_size) for idx in topk_indices_per_rank])
-
-
-def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Pairs each expert accepts from one rank (lesson 05's ``expert_capacity``, argument order of this module)."""
-    return expert_capacity(tokens, num_experts, top_k, capacity_factor)
 
 
 def a2a_bytes_formula(tokens: int, top_k: int, hidden_size: int, world_size: int, elem_size: int) -> float:
@@ -352,7 +346,7 @@ class EPMoE(nn.Module):
             )
         self.num_local = check_world_size(config.n_routed_experts, self.world_size)
         if capacity_factor is not None:
-            capacity(1, 1, 1, capacity_factor)  # validates
+            expert_capacity(1, 1, 1, capacity_factor)  # validates
         self.capacity_factor = capacity_factor
         self.gate = TopkRouter(config)  # replicated
         self.experts = LocalExperts(config, self.num_local, self.rank * self.num_local)
@@ -433,7 +427,7 @@ class EPMoE(nn.Module):
         cap = None
         keep = torch.ones_like(idx, dtype=torch.bool)  # [T, K]
         if self.capacity_factor is not None:
-            cap = capacity(tokens, k, e, self.capacity_factor)
+            cap = expert_capacity(tokens, e, k, self.capacity_factor)
             keep = capacity_keep_mask(idx, e, cap)
 
         # 3. sort the kept pairs by expert: rank 0's experts first, then rank 1's, ...
@@ -528,7 +522,7 @@ def reference_forward(moe: MoE, chunks: Sequence[Tensor], capacity_factor: float
             capacity_keep_mask(
                 idx,
                 cfg.n_routed_experts,
-                capacity(len(idx), cfg.num_experts_per_tok, cfg.n_routed_experts, capacity_factor),
+                expert_capacity(len(idx), cfg.n_routed_experts, cfg.num_experts_per_tok, capacity_factor),
             )
             for idx in routing.topk_indices.split([len(c) for c in chunks])
         ]
