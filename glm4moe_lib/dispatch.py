@@ -61,7 +61,9 @@ def plan_dispatch(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
     top_k = top_k_index.shape[-1]
     flat_experts = top_k_index.reshape(-1)  # [T*K]
     order = torch.argsort(flat_experts, stable=True)  # [T*K]
-    counts = torch.bincount(flat_experts, minlength=num_experts)  # [E]
+    # scatter_add, not bincount: bincount sizes its output from the data (a host sync on GPUs)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_experts.device)
+    counts.scatter_add_(0, flat_experts.long(), torch.ones_like(flat_experts, dtype=torch.long))  # [E]
     offsets = F.pad(counts.cumsum(0), (1, 0))  # [E+1]
     return DispatchPlan(order, order // top_k, flat_experts[order], counts, offsets)
 
@@ -386,9 +388,17 @@ def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int
 
 
 def _check_routing(
-    hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, num_experts: int
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    num_experts: int,
+    check_values: bool = True,
 ) -> None:
-    """Clear errors for routing tensors that do not fit the batch or the experts."""
+    """Clear errors for routing tensors that do not fit the batch or the experts.
+
+    Shapes and dtypes cost nothing to check; the expert ids' range needs one look at the data (a
+    host sync on a GPU), skipped with ``check_values=False`` for ids that come from the router.
+    """
     tokens = hidden_states.shape[0]
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}: expected [tokens, hidden]")
@@ -403,11 +413,12 @@ def _check_routing(
         )
     if top_k_index.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
-    if top_k_index.numel() and (int(top_k_index.min()) < 0 or int(top_k_index.max()) >= num_experts):
-        raise ValueError(
-            f"top_k_index holds expert ids from {int(top_k_index.min())} to {int(top_k_index.max())}: "
-            f"they must lie in [0, {num_experts})"
-        )
+    if check_values and top_k_index.numel():
+        low, high = (int(v) for v in torch.aminmax(top_k_index))  # one host sync
+        if low < 0 or high >= num_experts:
+            raise ValueError(
+                f"top_k_index holds expert ids from {low} to {high}: they must lie in [0, {num_experts})"
+            )
 
 
 def dispatch_combine(
@@ -418,13 +429,19 @@ def dispatch_combine(
     down_proj: Tensor,
     act_fn: ActFn = F.silu,
     strategy: str = "auto",
+    check_ids: bool = True,
 ) -> Tensor:
-    """Run the routed experts with the chosen strategy: [T, H] -> [T, H]."""
+    """Run the routed experts with the chosen strategy: [T, H] -> [T, H].
+
+    ``check_ids=False`` trusts that every id in ``top_k_index`` lies in [0, E) (the router's output
+    does): it skips the one host sync of the range check, so the fast GPU paths never wait for
+    the device and a layer call can be captured in a CUDA graph.
+    """
     if strategy == "auto":
         strategy = choose_strategy(hidden_states, top_k_index, gate_up_proj.shape[0])
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not allowed: use 'auto' or one of {sorted(STRATEGIES)}")
-    _check_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj.shape[0])
+    _check_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj.shape[0], check_ids)
     if hidden_states.shape[0] == 0:
         # Nothing to compute, but stay on the autograd graph (as a real batch would): a caller that
         # backpropagates through an empty batch, e.g. an expert-parallel rank that received no

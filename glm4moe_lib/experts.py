@@ -71,10 +71,12 @@ class Experts(nn.Module):
         top_k_index: Tensor,
         top_k_weights: Tensor,
         strategy: str | None = None,
+        check_ids: bool = True,
     ) -> Tensor:
         """hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H].
 
-        ``strategy`` overrides ``config.dispatch`` (see :mod:`glm4moe_lib.dispatch`).
+        ``strategy`` overrides ``config.dispatch`` (see :mod:`glm4moe_lib.dispatch`);
+        ``check_ids=False`` skips the expert-id range check (ids from the router are valid).
         """
         from .dispatch import dispatch_combine
 
@@ -86,4 +88,5 @@ class Experts(nn.Module):
             self.down_proj,
             self.act_fn,
             strategy=strategy or self.config.dispatch,
+            check_ids=check_ids,
         )

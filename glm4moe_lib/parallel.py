@@ -21,8 +21,8 @@ split sizes swapped). The result equals the single-process :class:`~glm4moe_lib.
 concatenation of every rank's tokens; the replicated parameters' gradients must be summed over
 ranks (:meth:`EPMoE.allreduce_replicated_grads`) as data parallelism does.
 
-Backends: gloo on CPU, NCCL on GPUs (``init_distributed`` picks ``cuda:LOCAL_RANK`` when CUDA is
-present). Every rank must call forward and backward together; if a peer dies, the collectives fail
+Backends: gloo on CPU, NCCL on GPUs (``init_distributed`` picks ``cuda:LOCAL_RANK`` when the node
+has a GPU for every local rank, else gloo on the CPU). Every rank must call forward and backward together; if a peer dies, the collectives fail
 (or time out after the process group's ``timeout``) and the layer raises :class:`ExpertParallelError`.
 
 Run the check on N local processes::
@@ -451,7 +451,14 @@ class EPMoE(nn.Module):
         if x_recv.shape[0] > 0:
             ones = torch.ones(local_ids.shape[0], 1, dtype=torch.float32, device=x.device)
             y_recv = dispatch_combine(
-                x_recv, local_ids[:, None], ones, gate_up, down, self.experts.act_fn, strategy=cfg.dispatch
+                x_recv,
+                local_ids[:, None],
+                ones,
+                gate_up,
+                down,
+                self.experts.act_fn,
+                strategy=cfg.dispatch,
+                check_ids=False,  # local ids in [0, E/W) by construction
             )  # [N_recv, H]
         else:
             # Nothing to compute, but keep y_recv in the autograd graph (of x_recv and the expert
@@ -601,9 +608,15 @@ def run_check(
 
 
 def _rank_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is present (NCCL), else the CPU (gloo)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    """cuda:LOCAL_RANK when this node has a GPU for every local rank (NCCL), else the CPU (gloo).
+
+    Every rank decides alike, so a 4-rank launch on a 1-GPU machine runs gloo on the CPU rather
+    than asking for cuda:1..3.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
