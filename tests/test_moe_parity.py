@@ -59,10 +59,19 @@ def test_outputs_and_gradients_match_transformers(name, strategy):
     grad_out = torch.randn_like(y_hf)
     y_hf.backward(grad_out)
     y_ours.backward(grad_out)
-    assert torch.allclose(x_ours.grad, x_hf.grad, atol=1e-5, rtol=1e-4)
+    _assert_grad_close(x_ours.grad, x_hf.grad, "input")
     hf_params = dict(hf.named_parameters())
     for pname, p in moe.named_parameters():
-        assert torch.allclose(p.grad, hf_params[pname].grad, atol=1e-5, rtol=1e-4), pname
+        _assert_grad_close(p.grad, hf_params[pname].grad, pname)
+
+
+def _assert_grad_close(ours, theirs, name):
+    """fp32 gradients equal to summation order: an element that is a sum of large terms that cancel
+    carries an error relative to the tensor's scale, not to itself (BLAS builds order sums
+    differently), so atol scales with max|grad|; a wrong gradient is off by O(scale)."""
+    scale = max(1.0, float(theirs.abs().max()))
+    err = float((ours - theirs).abs().max())
+    assert torch.allclose(ours, theirs, atol=1e-5 * scale, rtol=1e-4), f"{name}: max |diff| {err:.3g}"
 
 
 def test_same_experts_selected_as_transformers():

@@ -81,6 +81,31 @@ def test_resume_equals_uninterrupted_run_bit_exactly(corpus, tmp_path):
     assert stored["train"] == full.metrics["train"]
 
 
+def test_training_and_resume_on_every_device(corpus, tmp_path, device):
+    """On each device (CUDA: bf16 autocast) the loss goes down, the checkpoint loads on the CPU,
+    and a resumed run continues the interrupted one (bit-exact on CPU; CUDA's atomics may reorder
+    float sums, so there it must stay within rounding)."""
+    steps = 16
+    cfg = _cfg(steps=steps, eval_interval=8, device=device.type, lr=3e-3)
+    full = train(cfg.replace(out_dir=str(tmp_path / "a")), corpus=corpus)
+    assert next(full.model.parameters()).device.type == device.type
+    losses = [r["loss"] for r in full.metrics["train"]]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    tensors, meta = load_checkpoint(full.checkpoint)
+    assert meta["step"] == str(steps) and all(t.device.type == "cpu" for t in tensors.values())
+    cfg_b = cfg.replace(out_dir=str(tmp_path / "b"))
+    train(cfg_b, corpus=corpus, stop_after=9)
+    resumed = train(cfg_b, corpus=corpus, resume=True)
+    a = [r["loss"] for r in full.metrics["train"]]
+    b = [r["loss"] for r in resumed.metrics["train"]]
+    assert len(a) == len(b) == steps
+    if device.type == "cpu":
+        assert a == b
+    else:
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=2e-2, rtol=1e-2)
+
+
 def test_checkpoint_write_is_atomic(corpus, tmp_path, monkeypatch):
     cfg = _cfg(steps=2, out_dir=str(tmp_path))
     result = train(cfg, corpus=corpus)
