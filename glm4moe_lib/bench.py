@@ -109,6 +109,29 @@ def _layer_step(layer: torch.nn.Module, x: Tensor, mode: str, grad_out: Tensor) 
     return step
 
 
+def _graphed_step(layer: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    """The layer's forward captured once in a CUDA graph and replayed: the same kernels without
+    the Python and launch overhead of each op, which dominates a small layer on a GPU.
+
+    Capture fails if the forward waits for the device (a host sync): then this raises.
+    """
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs recommends
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        layer(static_x)
+    return graph.replay
+
+
+#: contenders also timed as a replayed CUDA graph (forward, on CUDA): "<name>+graph"
+GRAPHED = ("lib:auto", "hf:grouped_mm")
+
+
 def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -176,6 +199,28 @@ def _dense_grads_step(layer: torch.nn.Module) -> Callable[[], None]:
             torch.zeros_like(p)
 
     return step
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype, size: int | None = None) -> dict[str, float]:
+    """The machine's two ceilings, measured once: dense GEMM FLOP/s and device-memory bytes/s.
+
+    On a GPU a small GEMM or copy is bounded by its launch, not by the chip, so there the limit is
+    computed from these ceilings (flops / peak FLOP/s, bytes / peak bytes/s) instead of timing the
+    limit's own small GEMMs: the physical limit, not one more launch-bound kernel.
+    """
+    accel = device.type != "cpu"
+    size = size or (8192 if accel else 1024)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    src = torch.randn(1 << (28 if accel else 24), device=device, dtype=dtype)  # 512 MB bf16 / 64 MB
+    dst = torch.empty_like(src)
+    gemm = time_interleaved({"gemm": lambda: torch.mm(a, b)}, device, 5, 0.05)["gemm"]["min_s"]
+    copy = time_interleaved({"copy": lambda: dst.copy_(src)}, device, 5, 0.05)["copy"]["min_s"]
+    return {
+        "gemm_flops_per_s": 2 * size**3 / gemm,
+        "bytes_per_s": 2 * src.numel() * src.element_size() / copy,  # read + write
+    }
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -279,6 +324,9 @@ def run(
     except ImportError:  # the benchmark still runs, without the transformers contenders
         hf_version, hf_impls = None, ()
     lib, hf_layers = build_layers(config, device, dtype, hf_impls)
+    # CPU: the limit is timed (its GEMMs and its read run as plain ops on this machine). GPU: the
+    # limit is flops / peak and bytes / peak bandwidth, both ceilings measured once here.
+    peaks = measure_peaks(device, dtype) if device.type == "cuda" else None
     rows: list[dict[str, Any]] = []
     started = time.time()
     for routing in routings:
@@ -313,12 +361,28 @@ def run(
                     steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
                 for impl, layer in hf_layers.items():
                     steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
+                graph_errors: dict[str, str] = {}
+                if device.type == "cuda" and mode == "forward" and t > 0:
+                    layers = {"lib:auto": lib, **{f"hf:{k}": v for k, v in hf_layers.items()}}
+                    for name in GRAPHED:
+                        if name in steps and name in layers:
+                            try:
+                                steps[f"{name}+graph"] = _graphed_step(layers[name], x)
+                            except RuntimeError as exc:  # a host sync inside: not capturable
+                                graph_errors[name] = str(exc).splitlines()[0][:200]
                 flops_step, bytes_step, flops, nbytes = limit_steps(config, t, touched, mode, device, dtype)
-                steps["limit:flops"] = flops_step
-                steps["limit:bytes"] = bytes_step
+                if peaks is None:
+                    steps["limit:flops"] = flops_step
+                    steps["limit:bytes"] = bytes_step
                 if mode != "forward":  # not part of the limit: what a dense .grad costs by itself
                     steps["floor:dense_grads"] = _dense_grads_step(lib)
                 timings = time_interleaved(steps, device, repeats, min_sample_s, clock)
+                if peaks is not None:
+                    for name, sec in (
+                        ("limit:flops", flops / peaks["gemm_flops_per_s"]),
+                        ("limit:bytes", nbytes / peaks["bytes_per_s"]),
+                    ):
+                        timings[name] = {"min_s": sec, "median_s": sec, "calls_per_sample": 0}
                 limit = max(timings["limit:flops"]["min_s"], timings["limit:bytes"]["min_s"])
                 for v in timings.values():
                     v["ratio"] = v["min_s"] / limit
@@ -337,6 +401,7 @@ def run(
                     if timings["limit:flops"]["min_s"] >= timings["limit:bytes"]["min_s"]
                     else "bytes",
                     "hf_max_abs_diff": hf_err,
+                    "graph_errors": graph_errors,
                     "timings": timings,
                 }
                 rows.append(row)
@@ -356,6 +421,8 @@ def run(
             "repeats": repeats,
             "min_sample_s": min_sample_s,
             "clock": clock,
+            "limit": "timed on this machine" if peaks is None else "roofline from measured peaks",
+            "peaks": peaks,
             "statistic": "min over repeats of the mean per call within a sample",
             "skew": f"selection bias {SKEW_BIAS} * exp(-e / {SKEW_DECAY})",
             "seconds": round(time.time() - started, 1),
@@ -376,7 +443,7 @@ def _with_strategy(lib: MoE, strategy: str) -> torch.nn.Module:
         def forward(self, x: Tensor) -> Tensor:
             m = self.inner
             r = m.gate(x)
-            out = m.experts(x, r.topk_indices, r.topk_weights, strategy=strategy)
+            out = m.experts(x, r.topk_indices, r.topk_weights, strategy=strategy, check_ids=False)
             return out + m.shared_experts(x) if m.shared_experts is not None else out
 
     return _Layer()
@@ -422,6 +489,13 @@ def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) 
         f"({meta['device_name']}), {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
         f"transformers {meta['transformers']}, {meta['date']}."
     )
+    peaks = meta.get("peaks")
+    if peaks:
+        note += (
+            f" Limit: roofline from this GPU's measured peaks ({peaks['gemm_flops_per_s'] / 1e12:.0f} "
+            f"TFLOP/s dense GEMM, {peaks['bytes_per_s'] / 1e12:.2f} TB/s copy); '+graph': the forward "
+            "replayed from a CUDA graph (no per-op launch overhead)."
+        )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
