@@ -18,10 +18,13 @@ DEFAULT_SERIES: dict[str, tuple[str, str]] = {
     "lib:sorted": (PALETTE[2], ":"),
     "lib:loop": (PALETTE[4], ":"),
     "lib:gather_bmm": (PALETTE[5], "--"),
-    "lib:padded": (PALETTE[6], "--"),
+    "lib:padded": ("#882255", "--"),  # wine (Paul Tol): Okabe-Ito's yellow is faint on white
     "lib:grouped_mm": (PALETTE[1], "--"),
     "hf:eager": (PALETTE[3], "-"),
     "hf:grouped_mm": ("#7f7f7f", "-."),
+    # GPU runs only: the forward replayed from a CUDA graph (no per-op launch overhead)
+    "lib:auto+graph": (PALETTE[0], (0, (4, 1, 1, 1))),
+    "hf:grouped_mm+graph": ("#4d4d4d", (0, (5, 1, 1, 1, 1, 1))),
 }
 
 
@@ -61,7 +64,7 @@ def plot_times(
             colour, style = DEFAULT_SERIES.get(name, (None, "-"))
             ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in pts]
             width = 2.6 if name == "lib:auto" else 1.6
-            ax.plot([t for t, _ in pts], ys, style, color=colour, lw=width, marker="o", ms=4, label=name)
+            ax.plot([t for t, _ in pts], ys, ls=style, color=colour, lw=width, marker="o", ms=4, label=name)
         floor = [
             (r["tokens"], r["timings"]["floor:dense_grads"])
             for r in rows
@@ -80,7 +83,13 @@ def plot_times(
         ax.set_ylabel("time / limit" if ratio else "ms per layer call")
         ax.set_title(f"{mode}, {routing} routing")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    handles: dict[str, Any] = {}  # one legend for all panels (a series may be in one panel only)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(
+        handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9
+    )
     meta = results["meta"]
     fig.suptitle(f"One MoE layer ({meta['device']}, {meta['dtype']}): measured vs the limit", y=1.02)
     fig.tight_layout()
