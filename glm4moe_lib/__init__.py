@@ -18,7 +18,7 @@ from .balance import (
     update_bias,
 )
 from .config import ARCHS, PRESETS, ArchConfig, MoEConfig, preset
-from .device import available_devices, pick_device
+from .device import available_devices, keep_freed_cpu_memory, pick_device
 from .dispatch import dense_reference, dispatch_combine, loop_dispatch, plan_dispatch, sorted_dispatch
 from .experts import MLP, Experts, swiglu
 from .model import DecoderLayer, GLMMoEModel, ModelConfig, model_preset
@@ -46,6 +46,7 @@ __all__ = [
     "dispatch_combine",
     "expert_load",
     "group_limited_mask",
+    "keep_freed_cpu_memory",
     "load_balancing_loss",
     "load_entropy",
     "loop_dispatch",

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .balance import expert_load, load_balancing_loss, max_violation, update_bias
 from .data import Batch, BatchLoader, ByteTokenizer, Corpus, eval_batches, load_corpus, split_corpus
+from .device import keep_freed_cpu_memory
 from .model import GLMMoEModel, ModelConfig, model_preset
 from .router import RouterOutput
 
@@ -441,6 +442,8 @@ def train(
         raise ValueError(f"cfg={type(cfg).__name__} is not allowed: pass a TrainConfig (see train_preset)")
     cfg.validate()
     device = _resolve_device(cfg.device)
+    if device.type == "cpu":  # reuse freed gradient buffers instead of page-faulting new ones
+        keep_freed_cpu_memory()
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir else None
     if resume is True:
