@@ -1,24 +1,30 @@
 """Benchmark one MoE layer against its physical limit and against transformers' ``Glm4MoeMoE``.
 
 ``python -m glm4moe_lib.bench`` (full run, a few minutes on a 2-core CPU) or ``--quick`` (seconds)
-times, side by side in one process and interleaved round by round (so a noisy machine slows every
-contender alike):
+times one layer call, forward (under ``torch.no_grad``) and forward+backward (gradients of the
+input and all weights), for T tokens, balanced and skewed routing, fp32 on CPU and bf16 on CUDA,
+side by side in one process and interleaved round by round (so a noisy machine slows every
+contender alike). It prints a table and writes JSON (and a markdown table) with each time and its
+ratio to the limit. The contenders:
 
 * this library's :class:`~glm4moe_lib.moe.MoE` with each dispatch strategy (``lib:<strategy>``),
 * transformers' ``Glm4MoeMoE`` with ``experts_implementation`` "eager" and "grouped_mm"
   (``hf:<impl>``), loaded with the same weights,
+* on a CPU, the library's layer through ``torch.compile`` (``lib:auto+compile``, forward); on a
+  GPU, its forward and transformers' ``grouped_mm`` one replayed from a CUDA graph (``+graph``),
 * the limit: the larger of (a) the layer's active FLOPs run as plain dense GEMMs of the same total
   sizes (router, shared expert, and the routed experts as one [T·K, H] GEMM each way) and (b)
   reading the weights of every touched expert once (router + shared expert + each routed expert
   that got a token). For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
   also writes each touched weight's gradient once.
 
-Forward+backward rows also time ``floor:dense_grads``: zero-filling one dense gradient per
-parameter (all E experts), which every PyTorch backward pays and the limit does not count.
-
-for forward (under ``torch.no_grad``) and forward+backward (gradients of the input and all
-weights), T tokens, balanced and skewed routing; fp32 on CPU, bf16 on CUDA. It prints a table and
-writes JSON (and a markdown table) with each time and its ratio to the limit.
+Forward rows on a CPU also time ``floor:expert_gemms``: each touched expert's two GEMMs on its
+rows with the inputs ready, i.e. what the BLAS needs for these shapes before any dispatch work.
+Forward+backward rows also time ``floor:dense_grads``: allocating and zero-filling one dense
+gradient per parameter (all E experts), which every PyTorch backward pays and the limit does not
+count. On a CPU the run first lets glibc keep freed big buffers (``--malloc keep``, the default):
+with glibc's default every backward page-faults its gradient memory afresh, ten times the cost of
+the zero-fill itself.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .config import PRESETS, MoEConfig
+from .device import keep_freed_cpu_memory
 from .dispatch import STRATEGIES, choose_strategy
 from .moe import MoE
 
@@ -126,6 +133,18 @@ def _graphed_step(layer: torch.nn.Module, x: Tensor) -> Callable[[], None]:
     with torch.no_grad(), torch.cuda.graph(graph):
         layer(static_x)
     return graph.replay
+
+
+def _compiled_step(compiled: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    """The layer's forward through ``torch.compile`` (compiled on the first call, which the
+    calibration makes untimed)."""
+
+    def step() -> None:
+        with torch.no_grad():
+            compiled(x)
+
+    step()  # compile now: a missing C++ compiler fails here, not inside the timing loop
+    return step
 
 
 #: contenders also timed as a replayed CUDA graph (forward, on CUDA): "<name>+graph"
@@ -223,6 +242,28 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, size: int | None = N
     }
 
 
+def _expert_gemms_step(lib: MoE, counts: Tensor) -> Callable[[], None]:
+    """Each touched expert's two GEMMs on its rows, inputs ready (forward): what the BLAS itself
+    needs for the routed experts, without routing, gather, activation or combine. The gap between
+    this and the limit is the BLAS on these shapes; the gap between a strategy and this, dispatch."""
+    gu = lib.experts.gate_up_proj.detach().unbind(0)  # [2I, H] each
+    dn = lib.experts.down_proj.detach().unbind(0)  # [H, I] each
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    work = []
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            x = torch.randn(n, gu[e].shape[1], generator=gen).to(gu[e])  # [n, H]
+            a = torch.randn(n, dn[e].shape[1], generator=gen).to(dn[e])  # [n, I]
+            work.append((x, gu[e], a, dn[e]))
+
+    def step() -> None:
+        for x, g, a, d in work:
+            torch.mm(x, g.t())
+            torch.mm(a, d.t())
+
+    return step
+
+
 # ---- timing --------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -306,10 +347,21 @@ def run(
     seed: int = 0,
     clock: str = "wall",
     verbose: bool = True,
+    keep_cpu_memory: bool = True,
+    compile_cpu: bool = True,
 ) -> dict[str, Any]:
-    """Run the benchmark and return the results as a JSON-ready dict (see the module docstring)."""
+    """Run the benchmark and return the results as a JSON-ready dict (see the module docstring).
+
+    ``keep_cpu_memory``: on a CPU, first let glibc keep freed big buffers for reuse
+    (:func:`~glm4moe_lib.device.keep_freed_cpu_memory`), so no contender's backward is timed
+    page-faulting fresh gradient memory; process-wide, so every contender runs alike.
+    ``compile_cpu``: on a CPU, also time the forward through ``torch.compile`` (``lib:auto+compile``).
+    """
     config = config or PRESETS["bench"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    malloc = "default"
+    if device.type == "cpu" and keep_cpu_memory and keep_freed_cpu_memory():
+        malloc = "keep freed blocks (glibc mallopt)"
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     for s in strategies:
         if s != "auto" and s not in STRATEGIES:
@@ -327,6 +379,8 @@ def run(
     # CPU: the limit is timed (its GEMMs and its read run as plain ops on this machine). GPU: the
     # limit is flops / peak and bytes / peak bandwidth, both ceilings measured once here.
     peaks = measure_peaks(device, dtype) if device.type == "cuda" else None
+    # CPU forward: also the layer through torch.compile (Inductor fuses the small-T gather path)
+    compiled = torch.compile(lib, dynamic=False) if device.type == "cpu" and compile_cpu else None
     rows: list[dict[str, Any]] = []
     started = time.time()
     for routing in routings:
@@ -361,7 +415,12 @@ def run(
                     steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
                 for impl, layer in hf_layers.items():
                     steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
-                graph_errors: dict[str, str] = {}
+                skipped: dict[str, str] = {}
+                if compiled is not None and mode == "forward" and t > 0 and "lib:auto" in steps:
+                    try:
+                        steps["lib:auto+compile"] = _compiled_step(compiled, x)
+                    except Exception as exc:  # e.g. no C++ compiler for Inductor on this machine
+                        skipped["lib:auto+compile"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 if device.type == "cuda" and mode == "forward" and t > 0:
                     layers = {"lib:auto": lib, **{f"hf:{k}": v for k, v in hf_layers.items()}}
                     for name in GRAPHED:
@@ -369,13 +428,15 @@ def run(
                             try:
                                 steps[f"{name}+graph"] = _graphed_step(layers[name], x)
                             except RuntimeError as exc:  # a host sync inside: not capturable
-                                graph_errors[name] = str(exc).splitlines()[0][:200]
+                                skipped[name] = str(exc).splitlines()[0][:200]
                 flops_step, bytes_step, flops, nbytes = limit_steps(config, t, touched, mode, device, dtype)
                 if peaks is None:
                     steps["limit:flops"] = flops_step
                     steps["limit:bytes"] = bytes_step
                 if mode != "forward":  # not part of the limit: what a dense .grad costs by itself
                     steps["floor:dense_grads"] = _dense_grads_step(lib)
+                elif device.type == "cpu" and t > 0:  # (on a GPU these would time kernel launches)
+                    steps["floor:expert_gemms"] = _expert_gemms_step(lib, counts)
                 timings = time_interleaved(steps, device, repeats, min_sample_s, clock)
                 if peaks is not None:
                     for name, sec in (
@@ -401,7 +462,7 @@ def run(
                     if timings["limit:flops"]["min_s"] >= timings["limit:bytes"]["min_s"]
                     else "bytes",
                     "hf_max_abs_diff": hf_err,
-                    "graph_errors": graph_errors,
+                    "skipped": skipped,  # contenders that could not run here, and why
                     "timings": timings,
                 }
                 rows.append(row)
@@ -421,6 +482,7 @@ def run(
             "repeats": repeats,
             "min_sample_s": min_sample_s,
             "clock": clock,
+            "malloc": malloc,
             "limit": "timed on this machine" if peaks is None else "roofline from measured peaks",
             "peaks": peaks,
             "statistic": "min over repeats of the mean per call within a sample",
@@ -513,8 +575,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall or process CPU time")
     p.add_argument("--min-sample", type=float, default=None, help="seconds per timed sample")
+    p.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="CPU: keep freed big buffers for reuse (default) or glibc's default (unmap them)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results_<device>.json)")
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile contender")
     args = p.parse_args(argv)
     quick = args.quick
     if args.threads:
@@ -531,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         repeats=args.repeats or (3 if quick else 5),
         clock=args.clock,
         min_sample_s=args.min_sample or (0.005 if quick else 0.01),
+        keep_cpu_memory=args.malloc == "keep",
+        compile_cpu=not args.no_compile,
     )
     results["meta"]["quick"] = quick
     table = markdown_table(results)

@@ -342,6 +342,24 @@ GATHER_MAX_PAIRS_PER_EXPERT = 0.125
 #: CPU inference: the per-expert loop from this mean load (rows per expert) up.
 LOOP_MIN_ROWS_PER_EXPERT = 128
 
+#: Under ``torch.compile`` on a CPU (inference): ``gather_bmm`` up to T·K <= this many times E.
+#: Inductor fuses its gather, both GEMMs, the activation and the weighted sum into one C++ loop
+#: that reads each chosen expert's weights in place (no copy): measured at the bench size, 1
+#: thread, 2.5x faster than eager ``auto`` at T=16 and 1.7x at T=32, even at T=64.
+COMPILED_GATHER_MAX_PAIRS_PER_EXPERT = 2.0
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces this code (older torch: never)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _compiles(strategy: str, device: torch.device) -> bool:
+    """Whether ``torch.compile`` can trace ``strategy`` on ``device`` without a graph break or a
+    kernel it cannot trace (torch's CPU grouped GEMM has no compiled form)."""
+    return strategy in ("gather_bmm", "dense") or (strategy == "grouped_mm" and device.type == "cuda")
+
 
 def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int) -> str:
     """The strategy "auto" resolves to for this shape and device (measured: ``bench/``).
@@ -356,6 +374,9 @@ def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int
     * gradients needed: ``grouped_mm`` (one kernel for all experts, forward and backward).
     * ``grouped_mm`` needs torch >= 2.9's CPU kernel (a C++ loop of GEMMs over views of the
       weights); without it: ``sorted`` for inference, ``padded`` with gradients.
+    * under ``torch.compile`` (inference), ``gather_bmm`` up to T·K <= 2·E: Inductor fuses it into
+      one loop that reads the chosen experts' weights in place. Strategies that cannot be traced
+      run eagerly inside the compiled layer (a graph break, see :func:`dispatch_combine`).
 
     On CUDA and other accelerators (every op is a kernel launch; host syncs stall):
 
@@ -368,6 +389,8 @@ def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int
     small = pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts
     if device.type == "cpu":
         inference = not torch.is_grad_enabled()
+        if inference and _compiling() and pairs <= COMPILED_GATHER_MAX_PAIRS_PER_EXPERT * num_experts:
+            return "gather_bmm"  # compiled: one fused loop over the chosen experts' weights
         if inference and small:
             return "gather_bmm"
         if inference and pairs >= LOOP_MIN_ROWS_PER_EXPERT * num_experts:
@@ -448,4 +471,9 @@ def dispatch_combine(
         # tokens, must still reach the weights.
         anchor = gate_up_proj.reshape(-1)[:1].sum() + down_proj.reshape(-1)[:1].sum()
         return hidden_states * 0 + (anchor * 0).to(hidden_states.dtype)
-    return STRATEGIES[strategy](hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)
+    run = STRATEGIES[strategy]
+    if _compiling() and not _compiles(strategy, hidden_states.device):
+        # torch.compile of a layer: run this strategy eagerly (a graph break) rather than fail
+        # inside the tracer (host syncs, data-dependent shapes, CPU grouped GEMM)
+        run = torch.compiler.disable(run)
+    return run(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)

@@ -28,6 +28,13 @@ DEFAULT_SERIES: dict[str, tuple[str, str]] = {
 }
 
 
+#: reference costs drawn in grey: (timing name, legend label, line style)
+FLOORS = (
+    ("floor:dense_grads", "floor: dense grads", (0, (1, 1))),  # fwd+bwd: every expert's gradient
+    ("floor:expert_gemms", "floor: expert GEMMs", (0, (3, 2))),  # forward, CPU: the BLAS alone
+)
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
     """The JSON that ``python -m glm4moe_lib.bench`` wrote."""
     return json.loads(Path(path).read_text())
@@ -65,14 +72,11 @@ def plot_times(
             ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in pts]
             width = 2.6 if name == "lib:auto" else 1.6
             ax.plot([t for t, _ in pts], ys, ls=style, color=colour, lw=width, marker="o", ms=4, label=name)
-        floor = [
-            (r["tokens"], r["timings"]["floor:dense_grads"])
-            for r in rows
-            if "floor:dense_grads" in r["timings"]
-        ]
-        if floor:  # forward+backward: zero-filling every parameter's dense gradient
-            ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in floor]
-            ax.plot([t for t, _ in floor], ys, color="grey", lw=2, ls=(0, (1, 1)), label="floor: dense grads")
+        for key, label, style in FLOORS:
+            floor = [(r["tokens"], r["timings"][key]) for r in rows if key in r["timings"]]
+            if floor:
+                ys = [tm["ratio"] if ratio else tm["min_s"] * 1e3 for _, tm in floor]
+                ax.plot([t for t, _ in floor], ys, color="grey", lw=2, ls=style, label=label)
         limit = [1.0 if ratio else r["limit_s"] * 1e3 for r in rows]
         ax.plot(tokens, limit, color="black", lw=3, label="limit", zorder=5)
         if ratio:
