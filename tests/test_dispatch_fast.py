@@ -216,6 +216,22 @@ def test_compiled_layer_equals_eager():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_layer_equals_eager_cuda_bf16():
+    """On CUDA in bf16, torch.compile traces gather_bmm (T=1) and grouped_mm (T=64) whole."""
+    from glm4moe_lib import MoE, preset
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = MoE(preset("bench")).to("cuda", torch.bfloat16)
+    compiled = torch.compile(moe, dynamic=False)
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), moe(x), atol=2e-2, rtol=2e-2)
+    assert dispatch._compiles("grouped_mm", torch.device("cuda"))
+
+
 # ---- memory: no [T, E, H] tensors ------------------------------------------------------------------
 @pytest.mark.parametrize("skew", [False, True])
 def test_padded_slab_is_order_tk_rows(skew):
