@@ -155,6 +155,28 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def layer_flops(config: MoEConfig, tokens: int, backward: bool = False) -> int:
+    """The active FLOPs of one layer call on ``tokens`` tokens, as dense GEMMs.
+
+    Router [T, H]x[H, E], the shared expert (three [H, I_shared] matrices per token) and the T·K
+    routed rows through their expert's three [H, I] matrices; 2 FLOPs per multiply-add. With
+    ``backward`` each GEMM also runs its two backward GEMMs (input and weight gradients): x3.
+    """
+    h, i = config.hidden_size, config.moe_intermediate_size
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    forward = 2 * tokens * (h * e + 3 * h * config.shared_intermediate_size + k * 3 * h * i)
+    return 3 * forward if backward else forward
+
+
+def layer_bytes(config: MoEConfig, touched: int, elem_size: int, backward: bool = False) -> int:
+    """The bytes of weights one layer call must read: the router, the shared expert and each of
+    the ``touched`` routed experts (those that got at least one token) once. With ``backward``
+    each of those weights' gradients is also written once: x2."""
+    h, i = config.hidden_size, config.moe_intermediate_size
+    weights = config.n_routed_experts * h + 3 * h * config.shared_intermediate_size + touched * 3 * h * i
+    return weights * elem_size * (2 if backward else 1)
+
+
 def limit_steps(config: MoEConfig, tokens: int, touched: int, mode: str, device, dtype):
     """Two callables: (a) the active FLOPs as dense GEMMs, (b) the touched weights' bytes.
 
@@ -186,15 +208,15 @@ def limit_steps(config: MoEConfig, tokens: int, touched: int, mode: str, device,
             gemms.append((g, b.t(), torch.empty(m, kk, device=device, dtype=dtype)))
             gemms.append((a.t(), g, torch.empty(kk, n, device=device, dtype=dtype)))
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in gemms)
+    assert flops == layer_flops(config, tokens, backward=mode != "forward")  # the timed GEMMs are the count
 
     def flops_step() -> None:
         for a, b, out in gemms:
             torch.mm(a, b, out=out)
 
-    n_weights = e * h + 3 * h * i_s + touched * 3 * h * i
-    src = rand(n_weights)
-    dst = torch.empty_like(src) if mode != "forward" else None
-    nbytes = n_weights * _elem(dtype) * (1 if dst is None else 2)
+    nbytes = layer_bytes(config, touched, _elem(dtype), backward=mode != "forward")
+    src = rand(e * h + 3 * h * i_s + touched * 3 * h * i)  # the weights
+    dst = torch.empty_like(src) if mode != "forward" else None  # their gradients
 
     def bytes_step() -> None:
         if dst is None:
