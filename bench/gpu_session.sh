@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh tests bench bench-air train
 #
 # Stages (any order, any subset): env, tests, bench-quick, bench (the layer, bf16),
-# bench-air (a GLM-4.5-Air-sized layer), train (the tiny model on CUDA with bf16 autocast).
+# bench-air (a GLM-4.5-Air-sized layer), bench-air-compile (its forward through torch.compile), train (the tiny model on CUDA with bf16 autocast).
 # Results go to $OUT (default /tmp/gpu_out). Wheels in .whl/ (e.g. the transformers version CI
 # pins) are installed into /tmp/site first, as the device machine cannot reach a registry.
 set -uo pipefail
@@ -45,6 +45,11 @@ for stage in "${@:-env tests bench}"; do
     bench-air)
         $PY -m glm4moe_lib.bench --device cuda --preset glm4.5-air --routing balanced \
             --out "$OUT/results_cuda_air.json" 2>&1 | tail -20 || status=1
+        ;;
+    bench-air-compile)  # forward through torch.compile beside eager and CUDA graphs
+        $PY -m glm4moe_lib.bench --device cuda --preset glm4.5-air --routing balanced --modes forward \
+            --strategies auto grouped_mm gather_bmm --hf grouped_mm \
+            --out "$OUT/results_cuda_air_compile.json" 2>&1 | tail -12 || status=1
         ;;
     train)
         $PY -m glm4moe_lib.train --preset small --device cuda --steps 300 --out /tmp/gpu_train --no-progress \

@@ -10,8 +10,8 @@ ratio to the limit. The contenders:
 * this library's :class:`~glm4moe_lib.moe.MoE` with each dispatch strategy (``lib:<strategy>``),
 * transformers' ``Glm4MoeMoE`` with ``experts_implementation`` "eager" and "grouped_mm"
   (``hf:<impl>``), loaded with the same weights,
-* on a CPU, the library's layer through ``torch.compile`` (``lib:auto+compile``, forward); on a
-  GPU, its forward and transformers' ``grouped_mm`` one replayed from a CUDA graph (``+graph``),
+* the library's layer through ``torch.compile`` (``lib:auto+compile``, forward); on a GPU, also
+  its forward and transformers' ``grouped_mm`` one replayed from a CUDA graph (``+graph``),
 * the limit: the larger of (a) the layer's active FLOPs run as plain dense GEMMs of the same total
   sizes (router, shared expert, and the routed experts as one [T·K, H] GEMM each way) and (b)
   reading the weights of every touched expert once (router + shared expert + each routed expert
@@ -370,14 +370,14 @@ def run(
     clock: str = "wall",
     verbose: bool = True,
     keep_cpu_memory: bool = True,
-    compile_cpu: bool = True,
+    compile_layer: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark and return the results as a JSON-ready dict (see the module docstring).
 
     ``keep_cpu_memory``: on a CPU, first let glibc keep freed big buffers for reuse
     (:func:`~glm4moe_lib.device.keep_freed_cpu_memory`), so no contender's backward is timed
     page-faulting fresh gradient memory; process-wide, so every contender runs alike.
-    ``compile_cpu``: on a CPU, also time the forward through ``torch.compile`` (``lib:auto+compile``).
+    ``compile_layer``: also time the forward through ``torch.compile`` (``lib:auto+compile``).
     """
     config = config or PRESETS["bench"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -401,8 +401,8 @@ def run(
     # CPU: the limit is timed (its GEMMs and its read run as plain ops on this machine). GPU: the
     # limit is flops / peak and bytes / peak bandwidth, both ceilings measured once here.
     peaks = measure_peaks(device, dtype) if device.type == "cuda" else None
-    # CPU forward: also the layer through torch.compile (Inductor fuses the small-T gather path)
-    compiled = torch.compile(lib, dynamic=False) if device.type == "cpu" and compile_cpu else None
+    # forward: also the layer through torch.compile (on a CPU Inductor fuses the small-T gather path)
+    compiled = torch.compile(lib, dynamic=False) if compile_layer else None
     rows: list[dict[str, Any]] = []
     started = time.time()
     for routing in routings:
@@ -605,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results_<device>.json)")
     p.add_argument("--no-save", action="store_true", help="print only")
-    p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile contender")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     args = p.parse_args(argv)
     quick = args.quick
     if args.threads:
@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         clock=args.clock,
         min_sample_s=args.min_sample or (0.005 if quick else 0.01),
         keep_cpu_memory=args.malloc == "keep",
-        compile_cpu=not args.no_compile,
+        compile_layer=not args.no_compile,
     )
     results["meta"]["quick"] = quick
     table = markdown_table(results)
