@@ -427,7 +427,7 @@ def run(
                     if s == "dense" and t > DENSE_MAX_TOKENS:
                         continue
                     if (
-                        s == "gather_bmm"
+                        s in ("gather_bmm", "sorted_gather")
                         and t * config.num_experts_per_tok > GATHER_MAX_PAIRS * config.n_routed_experts
                     ):
                         continue

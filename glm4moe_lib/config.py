@@ -15,7 +15,16 @@ from typing import Any
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 HIDDEN_ACTS = ("silu", "gelu", "relu")
-DISPATCH_STRATEGIES = ("auto", "loop", "sorted", "dense", "gather_bmm", "padded", "grouped_mm")
+DISPATCH_STRATEGIES = (
+    "auto",
+    "loop",
+    "sorted",
+    "dense",
+    "gather_bmm",
+    "sorted_gather",
+    "padded",
+    "grouped_mm",
+)
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -64,7 +64,7 @@ def test_strategy_matches_dense_reference_fp32(device, strategy, case):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
 
 
-@pytest.mark.parametrize("strategy", ["gather_bmm", "padded", "grouped_mm", "sorted"])
+@pytest.mark.parametrize("strategy", ["gather_bmm", "sorted_gather", "padded", "grouped_mm", "sorted"])
 def test_strategy_bf16_close_to_fp32_reference(device, strategy):
     x, gu, dn, idx, w = _problem(64, 16, 4, True, device, torch.bfloat16, seed=1)
     ref = dense_reference(x.float(), idx, w, gu.float(), dn.float())
@@ -181,16 +181,21 @@ def test_moe_forward_has_no_host_sync_on_cuda(tokens):
 
 
 def test_choose_strategy_under_torch_compile(monkeypatch):
-    """Compiled CPU inference takes gather_bmm up to T·K <= 2E (Inductor fuses it); training and
-    larger batches keep the eager choice."""
+    """Compiled CPU inference: gather_bmm for T·K <= E/8 as eagerly, then sorted_gather up to
+    T·K <= 16E (Inductor fuses it); training and larger batches keep the eager choice."""
     e, k = 128, 8
     monkeypatch.setattr(dispatch, "_compiling", lambda: True)
     x = lambda t: torch.zeros(t, 512)  # noqa: E731
     idx = lambda t: torch.zeros(t, k, dtype=torch.long)  # noqa: E731
     with torch.no_grad():
-        assert choose_strategy(x(32), idx(32), e) == "gather_bmm"  # T·K = 2E
-        assert choose_strategy(x(33), idx(33), e) != "gather_bmm"
-    assert choose_strategy(x(16), idx(16), e) != "gather_bmm"  # training: the eager rule
+        assert choose_strategy(x(2), idx(2), e) == "gather_bmm"  # T·K = E/8
+        assert choose_strategy(x(3), idx(3), e) == "sorted_gather"
+        assert choose_strategy(x(256), idx(256), e) == "sorted_gather"  # T·K = 16E
+        assert choose_strategy(x(257), idx(257), e) not in ("gather_bmm", "sorted_gather")
+    assert choose_strategy(x(16), idx(16), e) not in ("gather_bmm", "sorted_gather")  # training
+    monkeypatch.setattr(dispatch, "_compiling", lambda: False)
+    with torch.no_grad():  # eagerly sorted_gather would copy T·K experts' weights: never picked
+        assert all(choose_strategy(x(t), idx(t), e) != "sorted_gather" for t in (3, 16, 256))
 
 
 def test_compiled_layer_equals_eager():
@@ -203,7 +208,7 @@ def test_compiled_layer_equals_eager():
     torch.manual_seed(0)
     moe = MoE(MoEConfig(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4))
     compiled = torch.compile(moe, dynamic=False)
-    for tokens in (1, 24):  # T·K = 4 (fused gather) and 96 > 2E (grouped_mm, eager)
+    for tokens in (1, 24, 80):  # T·K = 4 (gather_bmm), 96 (sorted_gather), 320 > 16E (grouped_mm, eager)
         x = torch.randn(tokens, 64)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), moe(x), atol=1e-5, rtol=1e-5)
@@ -246,14 +251,14 @@ def test_padded_slab_is_order_tk_rows(skew):
     assert int(plan.counts.sum()) == tokens * top_k
 
 
-@pytest.mark.parametrize("strategy", ["gather_bmm", "padded", "grouped_mm", "sorted"])
+@pytest.mark.parametrize("strategy", ["gather_bmm", "sorted_gather", "padded", "grouped_mm", "sorted"])
 @pytest.mark.parametrize("skew", [False, True])
 def test_no_intermediate_scales_with_t_times_e(monkeypatch, strategy, skew):
     """Record every tensor the strategy makes through torch ops; none may have T*E*H elements."""
     tokens, experts, top_k = 256, 32, 2
     x, gu, dn, idx, w = _problem(tokens, experts, top_k, skew, "cpu", torch.float32)
     x, gu, dn, w = (t.detach() for t in (x, gu, dn, w))
-    if strategy == "gather_bmm":  # only used while T*K <= E/2: check at its own scale
+    if strategy in ("gather_bmm", "sorted_gather"):  # only used while T*K is small: check at its own scale
         x, idx, w = x[:8], idx[:8], w[:8]
         tokens = 8
     biggest = 0
@@ -271,9 +276,9 @@ def test_no_intermediate_scales_with_t_times_e(monkeypatch, strategy, skew):
         dispatch_combine(x, idx, w, gu, dn, strategy=strategy)
     activations = tokens * top_k * max(H, 2 * INTER)  # O(T·K·H)
     weights = tokens * top_k * 2 * INTER * H  # gather_bmm copies T·K experts (T·K <= E/2 only)
-    limit = weights if strategy == "gather_bmm" else 4 * activations
+    limit = weights if strategy in ("gather_bmm", "sorted_gather") else 4 * activations
     assert biggest <= limit
-    assert biggest < tokens * experts * H or strategy == "gather_bmm"
+    assert biggest < tokens * experts * H or strategy in ("gather_bmm", "sorted_gather")
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------
