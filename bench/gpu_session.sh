@@ -34,26 +34,30 @@ for stage in "${@:-env tests bench}"; do
             tests/test_config.py tests/test_router.py tests/test_moe_parity.py \
             tests/test_dispatch_props.py tests/test_dispatch_fast.py tests/test_balance.py \
             tests/test_model.py tests/test_train.py tests/test_parallel.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -40
-        status=$((status | ${PIPESTATUS[0]}))
+        status=$((status | PIPESTATUS[0]))
         ;;
     bench-quick)
         $PY -m glm4moe_lib.bench --quick --device cuda --out "$OUT/results_cuda_quick.json" || status=1
         ;;
     bench)
-        $PY -m glm4moe_lib.bench --device cuda --out "$OUT/results_cuda.json" 2>&1 | tail -30 || status=1
+        $PY -m glm4moe_lib.bench --device cuda --out "$OUT/results_cuda.json" 2>&1 | tail -30
+        status=$((status | PIPESTATUS[0]))
         ;;
     bench-air)
         $PY -m glm4moe_lib.bench --device cuda --preset glm4.5-air --routing balanced \
-            --out "$OUT/results_cuda_air.json" 2>&1 | tail -20 || status=1
+            --out "$OUT/results_cuda_air.json" 2>&1 | tail -20
+        status=$((status | PIPESTATUS[0]))
         ;;
     bench-air-compile)  # forward through torch.compile beside eager and CUDA graphs
         $PY -m glm4moe_lib.bench --device cuda --preset glm4.5-air --routing balanced --modes forward \
             --strategies auto grouped_mm gather_bmm --hf grouped_mm \
-            --out "$OUT/results_cuda_air_compile.json" 2>&1 | tail -12 || status=1
+            --out "$OUT/results_cuda_air_compile.json" 2>&1 | tail -12
+        status=$((status | PIPESTATUS[0]))
         ;;
     train)
         $PY -m glm4moe_lib.train --preset small --device cuda --steps 300 --out /tmp/gpu_train --no-progress \
-            2>&1 | tail -15 || status=1
+            2>&1 | tail -15
+        status=$((status | PIPESTATUS[0]))
         cp /tmp/gpu_train/metrics.json "$OUT/train_cuda_metrics.json" 2>/dev/null
         ;;
     *)

@@ -116,11 +116,12 @@ def _layer_step(layer: torch.nn.Module, x: Tensor, mode: str, grad_out: Tensor) 
     return step
 
 
-def _graphed_step(layer: torch.nn.Module, x: Tensor) -> Callable[[], None]:
-    """The layer's forward captured once in a CUDA graph and replayed: the same kernels without
-    the Python and launch overhead of each op, which dominates a small layer on a GPU.
+def capture_cuda_graph(layer: torch.nn.Module, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+    """The layer's forward on ``x`` captured once in a CUDA graph: ``(graph, static_x, static_out)``.
 
-    Capture fails if the forward waits for the device (a host sync): then this raises.
+    ``graph.replay()`` reruns the same kernels on whatever ``static_x`` holds, into
+    ``static_out``, without the Python and launch overhead of each op (which dominates a small
+    layer on a GPU). Capture fails if the forward waits for the device (a host sync).
     """
     static_x = x.clone()
     side = torch.cuda.Stream()
@@ -131,8 +132,13 @@ def _graphed_step(layer: torch.nn.Module, x: Tensor) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        layer(static_x)
-    return graph.replay
+        static_out = layer(static_x)
+    return graph, static_x, static_out
+
+
+def _graphed_step(layer: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    """The layer's forward replayed from a CUDA graph (see :func:`capture_cuda_graph`)."""
+    return capture_cuda_graph(layer, x)[0].replay
 
 
 def _compiled_step(compiled: torch.nn.Module, x: Tensor) -> Callable[[], None]:
@@ -208,14 +214,13 @@ def limit_steps(config: MoEConfig, tokens: int, touched: int, mode: str, device,
             gemms.append((g, b.t(), torch.empty(m, kk, device=device, dtype=dtype)))
             gemms.append((a.t(), g, torch.empty(kk, n, device=device, dtype=dtype)))
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in gemms)
-    assert flops == layer_flops(config, tokens, backward=mode != "forward")  # the timed GEMMs are the count
 
     def flops_step() -> None:
         for a, b, out in gemms:
             torch.mm(a, b, out=out)
 
     nbytes = layer_bytes(config, touched, _elem(dtype), backward=mode != "forward")
-    src = rand(e * h + 3 * h * i_s + touched * 3 * h * i)  # the weights
+    src = rand(layer_bytes(config, touched, elem_size=1))  # the weights (one element per weight)
     dst = torch.empty_like(src) if mode != "forward" else None  # their gradients
 
     def bytes_step() -> None:
@@ -242,19 +247,18 @@ def _dense_grads_step(layer: torch.nn.Module) -> Callable[[], None]:
     return step
 
 
-def measure_peaks(device: torch.device, dtype: torch.dtype, size: int | None = None) -> dict[str, float]:
-    """The machine's two ceilings, measured once: dense GEMM FLOP/s and device-memory bytes/s.
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """A GPU's two ceilings, measured once: dense GEMM FLOP/s and device-memory bytes/s.
 
     On a GPU a small GEMM or copy is bounded by its launch, not by the chip, so there the limit is
     computed from these ceilings (flops / peak FLOP/s, bytes / peak bytes/s) instead of timing the
     limit's own small GEMMs: the physical limit, not one more launch-bound kernel.
     """
-    accel = device.type != "cpu"
-    size = size or (8192 if accel else 1024)
+    size = 8192
     gen = torch.Generator(device="cpu").manual_seed(2)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    src = torch.randn(1 << (28 if accel else 24), device=device, dtype=dtype)  # 512 MB bf16 / 64 MB
+    src = torch.randn(1 << 28, device=device, dtype=dtype)  # 512 MB in bf16
     dst = torch.empty_like(src)
     gemm = time_interleaved({"gemm": lambda: torch.mm(a, b)}, device, 5, 0.05)["gemm"]["min_s"]
     copy = time_interleaved({"copy": lambda: dst.copy_(src)}, device, 5, 0.05)["copy"]["min_s"]

@@ -160,18 +160,34 @@ def sorted_dispatch(
     return out.index_add_(0, plan.token_ids, (y_sorted * w_sorted).to(out.dtype))
 
 
+def _combine_slots(y: Tensor, top_k_weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """out[t] = sum_k w[t, k] * y[t, k] for y [T*K, H] in (token, slot) order -> [T, H].
+
+    Sums the K slots in float32: no scatter-add, so it is deterministic on CUDA (no atomics) and
+    accumulates bf16 outputs in float32.
+    """
+    tokens, top_k = top_k_weights.shape
+    weighted = y.view(tokens, top_k, -1) * top_k_weights[..., None]  # [T, K, H] float32
+    return weighted.sum(dim=1).to(dtype)
+
+
 def _unsort_combine(
     plan: DispatchPlan, y_sorted: Tensor, top_k_weights: Tensor, dtype: torch.dtype
 ) -> Tensor:
-    """out[t] = sum_k w[t, k] * y[pair (t, k)], y in expert order [S, H] -> [T, H].
-
-    Puts the rows back in (token, slot) order and sums the K slots in float32: no scatter-add,
-    so it is deterministic on CUDA (no atomics) and accumulates bf16 outputs in float32.
-    """
-    tokens, top_k = top_k_weights.shape
+    """Rows y [S, H] in expert order back to (token, slot) order, then :func:`_combine_slots`."""
     y = torch.empty_like(y_sorted).index_copy_(0, plan.order, y_sorted)  # [S, H], (token, slot) order
-    weighted = y.view(tokens, top_k, -1) * top_k_weights[..., None]  # [T, K, H] float32
-    return weighted.sum(dim=1).to(dtype)
+    return _combine_slots(y, top_k_weights, dtype)
+
+
+def _experts_per_row(
+    x: Tensor, experts: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn: ActFn
+) -> Tensor:
+    """Row s of x [S, H] through expert ``experts[s]``: two batched GEMMs over the gathered
+    weights, one row per batch entry ([S, 1, H] x [S, H, 2I]) -> [S, H]."""
+    h = torch.bmm(x.unsqueeze(1), gate_up_proj.index_select(0, experts).transpose(1, 2)).squeeze(1)  # [S, 2I]
+    gate, up = h.chunk(2, dim=-1)  # [S, I] each
+    a = (act_fn(gate) * up).unsqueeze(1)  # [S, 1, I]
+    return torch.bmm(a, down_proj.index_select(0, experts).transpose(1, 2)).squeeze(1)  # [S, H]
 
 
 def gather_bmm_dispatch(
@@ -185,17 +201,11 @@ def gather_bmm_dispatch(
     """Gather each (token, slot) pair's expert weights and run two batched GEMMs (small T).
 
     Copies T·K experts' weights (so only for T·K well below E); no sort and no host sync, so it
-    also suits CUDA graphs. One row per batch entry: [S, 1, H] x [S, H, 2I].
+    also suits CUDA graphs.
     """
-    tokens, top_k = top_k_index.shape
-    hidden = hidden_states.shape[-1]
-    flat = top_k_index.reshape(-1)  # [S], S = T*K
-    x = hidden_states.repeat_interleave(top_k, dim=0).unsqueeze(1)  # [S, 1, H]
-    h = torch.bmm(x, gate_up_proj.index_select(0, flat).transpose(1, 2)).squeeze(1)  # [S, 2I]
-    gate, up = h.chunk(2, dim=-1)  # [S, I] each
-    a = (act_fn(gate) * up).unsqueeze(1)  # [S, 1, I]
-    y = torch.bmm(a, down_proj.index_select(0, flat).transpose(1, 2)).view(tokens, top_k, hidden)  # [T, K, H]
-    return (y * top_k_weights[..., None]).sum(dim=1).to(hidden_states.dtype)  # float32 sum
+    x = hidden_states.repeat_interleave(top_k_index.shape[1], dim=0)  # [S, H], S = T*K
+    y = _experts_per_row(x, top_k_index.reshape(-1), gate_up_proj, down_proj, act_fn)  # [S, H]
+    return _combine_slots(y, top_k_weights, hidden_states.dtype)
 
 
 def sorted_gather_dispatch(
@@ -213,18 +223,10 @@ def sorted_gather_dispatch(
     expert's weights are read from memory once and re-read from cache for its other rows: static
     shapes, no host sync, and about the weight traffic of a grouped GEMM.
     """
-    tokens, top_k = top_k_index.shape
-    hidden = hidden_states.shape[-1]
-    flat = top_k_index.reshape(-1)  # [S]
-    order = torch.argsort(flat, stable=True)  # [S] pairs grouped by expert
-    experts = flat[order]  # [S]
-    x = hidden_states.index_select(0, order // top_k).unsqueeze(1)  # [S, 1, H]
-    h = torch.bmm(x, gate_up_proj.index_select(0, experts).transpose(1, 2)).squeeze(1)  # [S, 2I]
-    gate, up = h.chunk(2, dim=-1)  # [S, I] each
-    a = (act_fn(gate) * up).unsqueeze(1)  # [S, 1, I]
-    y = torch.bmm(a, down_proj.index_select(0, experts).transpose(1, 2)).squeeze(1)  # [S, H]
-    y = torch.empty_like(y).index_copy_(0, order, y).view(tokens, top_k, hidden)  # (token, slot) order
-    return (y * top_k_weights[..., None]).sum(dim=1).to(hidden_states.dtype)  # float32 sum
+    plan = plan_dispatch(top_k_index, gate_up_proj.shape[0])
+    x_sorted = hidden_states[plan.token_ids]  # [S, H], grouped by expert
+    y_sorted = _experts_per_row(x_sorted, plan.expert_ids, gate_up_proj, down_proj, act_fn)  # [S, H]
+    return _unsort_combine(plan, y_sorted, top_k_weights, hidden_states.dtype)
 
 
 #: Padded slab capacity: at most this many times the mean load per used expert (rest run alone).
@@ -453,12 +455,12 @@ def _check_routing(
     top_k_index: Tensor,
     top_k_weights: Tensor,
     num_experts: int,
-    check_values: bool = True,
+    check_ids: bool = True,
 ) -> None:
     """Clear errors for routing tensors that do not fit the batch or the experts.
 
     Shapes and dtypes cost nothing to check; the expert ids' range needs one look at the data (a
-    host sync on a GPU), skipped with ``check_values=False`` for ids that come from the router.
+    host sync on a GPU), skipped with ``check_ids=False`` for ids that come from the router.
     """
     tokens = hidden_states.shape[0]
     if hidden_states.dim() != 2:
@@ -474,7 +476,7 @@ def _check_routing(
         )
     if top_k_index.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
-    if check_values and top_k_index.numel():
+    if check_ids and top_k_index.numel():
         low, high = (int(v) for v in torch.aminmax(top_k_index))  # one host sync
         if low < 0 or high >= num_experts:
             raise ValueError(

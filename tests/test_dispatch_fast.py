@@ -162,15 +162,7 @@ def test_moe_forward_has_no_host_sync_on_cuda(tokens):
             eager = moe(x)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            moe(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = moe(static_x)
+        graph, static_x, static_out = bench.capture_cuda_graph(moe, x)
         for seed in (1, 2):
             torch.manual_seed(seed)
             new_x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
