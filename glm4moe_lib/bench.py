@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .config import PRESETS, MoEConfig
+from .cpu_kernel import unsupported
 from .device import keep_freed_cpu_memory
 from .dispatch import STRATEGIES, choose_strategy
 from .moe import MoE
@@ -53,7 +54,7 @@ ROUTINGS = ("balanced", "skewed")
 MODES = ("forward", "fwd+bwd")
 HF_IMPLS = ("eager", "grouped_mm")
 #: the library strategies timed by default ("dense" is O(T·E) work: only up to DENSE_MAX_TOKENS)
-LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "dense")
+LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "fused_cpu", "dense")
 DENSE_MAX_TOKENS = 64
 #: gather_bmm copies T·K experts' weights: timed only while T·K <= GATHER_MAX_PAIRS * E
 GATHER_MAX_PAIRS = 2
@@ -425,9 +426,21 @@ def run(
             touched = int((counts > 0).sum())
             for mode in modes:
                 with torch.set_grad_enabled(mode != "forward"):  # as the timed calls run
-                    auto = choose_strategy(x, routing_out.topk_indices, config.n_routed_experts)
+                    auto = choose_strategy(
+                        x, routing_out.topk_indices, config.n_routed_experts, lib.experts.act_fn
+                    )
                 steps: dict[str, Callable[[], None]] = {}
+                skipped: dict[str, str] = {}
                 for s in strategies:
+                    if s == "fused_cpu":  # a C kernel for float32 CPU inference (it may not build here)
+                        if mode != "forward":
+                            continue  # an inference path: its backward recomputes through grouped_mm
+                        why = unsupported(
+                            x, lib.experts.gate_up_proj, lib.experts.down_proj, lib.experts.act_fn
+                        )
+                        if why is not None:
+                            skipped["lib:fused_cpu"] = why
+                            continue
                     if s == "dense" and t > DENSE_MAX_TOKENS:
                         continue
                     if (
@@ -441,7 +454,6 @@ def run(
                     steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
                 for impl, layer in hf_layers.items():
                     steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
-                skipped: dict[str, str] = {}
                 if compiled is not None and mode == "forward" and t > 0 and "lib:auto" in steps:
                     try:
                         steps["lib:auto+compile"] = _compiled_step(compiled, x)

@@ -24,6 +24,7 @@ DISPATCH_STRATEGIES = (
     "sorted_gather",
     "padded",
     "grouped_mm",
+    "fused_cpu",
 )
 
 

@@ -15,6 +15,10 @@ and differs only in how the work is laid out:
 
 The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
 
+* ``fused_cpu`` (float32 on a CPU, inference, up to a few hundred tokens): the C kernel of
+  :mod:`glm4moe_lib.cpu_kernel`: one call that sorts the pairs, reads each touched expert's weights
+  once for all its tokens, and sums the K slots. Built on first use; where it cannot be built
+  ``"auto"`` takes the torch strategies below.
 * ``gather_bmm`` (a token or two, on accelerators): copy the K chosen experts' weights of every token into one
   batch and run two ``torch.bmm`` calls: 2 kernels instead of 2·K small ones, no sort, no sync.
 * ``sorted_gather`` (under ``torch.compile`` on a CPU, up to a few hundred tokens): ``gather_bmm``
@@ -44,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernel
+from .cpu_kernel import fused_cpu_dispatch
 from .experts import swiglu
 
 ActFn = Callable[[Tensor], Tensor]
@@ -368,7 +374,19 @@ STRATEGIES: dict[str, Callable[..., Tensor]] = {
     "sorted_gather": sorted_gather_dispatch,
     "padded": padded_dispatch,
     "grouped_mm": grouped_mm_dispatch,
+    "fused_cpu": fused_cpu_dispatch,
 }
+
+
+def strategies_for(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, act_fn: ActFn = F.silu
+) -> list[str]:
+    """The strategies that run on ``device`` in ``dtype``: all but ``fused_cpu`` where its C kernel
+    cannot (a GPU, bf16, another activation, no C compiler). The others run everywhere."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    fused_ok = cpu_kernel.unsupported(probe, probe, probe, act_fn) is None
+    return [name for name in STRATEGIES if name != "fused_cpu" or fused_ok]
+
 
 #: "small": T·K <= this fraction of E (gather_bmm copies T·K experts' weights).
 GATHER_MAX_PAIRS_PER_EXPERT = 0.125
@@ -399,12 +417,23 @@ def _compiles(strategy: str, device: torch.device) -> bool:
     return strategy in traceable or (strategy == "grouped_mm" and device.type == "cuda")
 
 
-def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int) -> str:
+#: CPU inference, float32, SiLU, the kernel built: ``fused_cpu`` up to T·K <= this many times E
+#: per torch thread (1 or 2; measured at the bench size: 3x faster than ``grouped_mm`` at T=16,
+#: 1.4x at T=256, even at T=512 on 1 thread and 1.25x faster at T=1024 on 2).
+FUSED_CPU_MAX_PAIRS_PER_EXPERT = 32
+
+
+def choose_strategy(
+    hidden_states: Tensor, top_k_index: Tensor, num_experts: int, act_fn: ActFn | None = None
+) -> str:
     """The strategy "auto" resolves to for this shape and device (measured: ``bench/``).
 
     On CPU (weights stay where they are; what costs is copies, passes over memory, and ops):
 
-    * no gradient needed (inference): T·K <= E/8 (a token or two): ``gather_bmm`` (two batched
+    * float32 inference with SiLU experts (``act_fn`` None or ``F.silu``), where the C kernel of
+      :mod:`glm4moe_lib.cpu_kernel` builds, up to T·K <= 32·E per thread (1 or 2): ``fused_cpu``,
+      one pass over each touched expert's weights (not under ``torch.compile``: see below).
+    * otherwise, no gradient needed (inference): T·K <= E/8 (a token or two): ``gather_bmm`` (two batched
       GEMMs over the K chosen experts' weights: about 2x faster than K separate GEMMs at T=1 with
       the weights in cache, measured at the bench size); >= 128 rows per expert: ``loop`` (each
       expert's gather, GEMMs and scatter run while its rows are in cache: faster than one grouped
@@ -428,6 +457,15 @@ def choose_strategy(hidden_states: Tensor, top_k_index: Tensor, num_experts: int
     small = pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts
     if device.type == "cpu":
         inference = not torch.is_grad_enabled()
+        if (
+            inference
+            and not _compiling()
+            and hidden_states.dtype == torch.float32
+            and act_fn in (None, F.silu)
+            and pairs <= FUSED_CPU_MAX_PAIRS_PER_EXPERT * min(torch.get_num_threads(), 2) * num_experts
+            and cpu_kernel.load_kernel() is not None
+        ):
+            return "fused_cpu"
         if inference and _compiling() and not small:
             if pairs <= COMPILED_SORTED_GATHER_MAX_PAIRS_PER_EXPERT * num_experts:
                 return "sorted_gather"  # compiled: one fused loop, each expert's weights read once
@@ -501,7 +539,7 @@ def dispatch_combine(
     the device and a layer call can be captured in a CUDA graph.
     """
     if strategy == "auto":
-        strategy = choose_strategy(hidden_states, top_k_index, gate_up_proj.shape[0])
+        strategy = choose_strategy(hidden_states, top_k_index, gate_up_proj.shape[0], act_fn)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not allowed: use 'auto' or one of {sorted(STRATEGIES)}")
     _check_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj.shape[0], check_ids)

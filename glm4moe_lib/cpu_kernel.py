@@ -1,0 +1,266 @@
+"""A fused CPU kernel for the routed experts: one pass over the touched experts' weights.
+
+At a few tokens a CPU layer call should cost about one read of the K chosen experts' weights,
+yet a chain of torch ops pays per op (tens of µs each at T=1) and the BLAS runs its 1-to-4-row
+GEMMs far below memory speed. ``csrc/moe_cpu.c`` (about 150 lines of plain C) does the routed
+experts in one call: a counting sort of the (token, slot) pairs by expert, then for each expert
+one pass over its rows of weights that serves up to four of its tokens at once, the SwiGLU in
+between, and the weighted sum of the K slots.
+
+It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) on first
+use, for this CPU (``-march=native``), and cached under ``~/.cache/glm4moe_lib`` (or
+``$GLM4MOE_CACHE_DIR``); the build takes well under a second. Where there is no compiler, or
+``GLM4MOE_CPU_KERNEL=0``, it is simply not available: ``"auto"`` then uses the torch strategies,
+and asking for ``strategy="fused_cpu"`` says why it cannot run. float32 and SiLU only; with
+gradients the forward is fused and the backward recomputes through ``grouped_mm`` (training at
+larger T should use ``grouped_mm`` directly, which is what ``"auto"`` picks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "moe_cpu.c"
+#: set to "0" to turn the kernel off (``"auto"`` then never picks it)
+ENV_SWITCH = "GLM4MOE_CPU_KERNEL"
+#: where the built library is cached (default: $XDG_CACHE_HOME or ~/.cache, then glm4moe_lib)
+ENV_CACHE = "GLM4MOE_CACHE_DIR"
+#: tried in order: the first that builds is used (a compiler without -march=native gets plain -O3)
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+#: floats of scratch per thread: RB=4 rows of [2I] + [I]
+_ROWS_PER_PASS = 4
+#: with more than one torch thread, at least this many (token, slot) pairs per extra thread
+MIN_PAIRS_PER_THREAD = 64
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_why_not: str | None = None  # why the kernel is not available, once a load was tried
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glm4moe_lib"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    text = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text += "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        pass
+    return f"{sys.platform}-{platform.machine()}-{text}"
+
+
+def _build(compiler: str, target: Path) -> str | None:
+    """Compile SOURCE into ``target`` atomically; returns None, or the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    complaint = ""
+    for flags in FLAG_SETS:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+        os.close(fd)
+        cmd = [compiler, *flags, "-std=c11", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)  # a reader never sees a half-written library
+                return None
+            complaint = (done.stderr or done.stdout).strip()[-800:]
+        except (OSError, subprocess.SubprocessError) as err:
+            complaint = str(err)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return f"{' '.join(cmd[:1])} could not build {SOURCE.name}: {complaint}"
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moe_sort.argtypes, lib.moe_sort.restype = [p, i64, i64, p, p], i64
+    lib.moe_experts.argtypes, lib.moe_experts.restype = [p, p, p, i64, i64, i64, p, p, i64, i64, p, p], None
+    lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, i64, p], None
+    return lib
+
+
+def load_kernel() -> ctypes.CDLL | None:
+    """The built kernel (building it the first time), or None where it is not available."""
+    global _lib, _why_not
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return None
+    if _lib is not None or _why_not is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _why_not is not None:
+            return _lib
+        compiler = _compiler()
+        if compiler is None:
+            _why_not = "no C compiler found (set CC, or install gcc or clang)"
+            return None
+        key = hashlib.sha256(
+            SOURCE.read_bytes() + repr((compiler, FLAG_SETS, _cpu_id())).encode()
+        ).hexdigest()[:16]
+        suffix = ".dll" if sys.platform == "win32" else ".so"
+        target = _cache_dir() / f"moe_cpu-{key}{suffix}"
+        if not target.exists():
+            try:
+                _why_not = _build(compiler, target)
+            except OSError as err:  # e.g. a read-only cache directory
+                _why_not = f"could not write the kernel to {target.parent}: {err}"
+            if _why_not is not None:
+                return None
+        try:
+            _lib = _declare(ctypes.CDLL(str(target)))
+        except OSError as err:
+            _why_not = f"could not load {target}: {err}"
+        return _lib
+
+
+def kernel_status() -> str:
+    """One line: where the kernel is loaded from, or why it is not available."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return f"off ({ENV_SWITCH}=0)"
+    lib = load_kernel()
+    return f"ready: {lib._name}" if lib is not None else f"not available: {_why_not}"
+
+
+def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn=F.silu) -> str | None:
+    """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler."""
+    tensors = {"hidden_states": hidden_states, "gate_up_proj": gate_up_proj, "down_proj": down_proj}
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            return f"{name} is on {t.device}: the fused kernel runs on the CPU only"
+        if t.dtype != torch.float32:
+            return f"{name} has dtype {t.dtype}: the fused kernel is float32 only"
+    if act_fn is not F.silu:
+        return f"act_fn={getattr(act_fn, '__name__', act_fn)!r}: the fused kernel implements SiLU only"
+    if load_kernel() is None:
+        return f"the fused CPU kernel is {kernel_status()}"
+    return None
+
+
+def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
+    """Split the experts into ``parts`` ranges of about equal pair counts."""
+    ends = offsets.tolist()
+    bounds, e = [0], 0
+    for j in range(1, parts):
+        while e < len(ends) - 1 and ends[e] < pairs * j / parts:
+            e += 1
+        bounds.append(max(e, bounds[-1]))
+    bounds.append(len(ends) - 1)
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """The kernel on contiguous float32 x [T, H], int64 ids [T, K], float32 w [T, K] -> [T, H]."""
+    global _pool
+    lib = load_kernel()
+    tokens, hidden = x.shape
+    top_k, num_experts, inter = ids.shape[1], gate_up.shape[0], down.shape[2]
+    pairs = tokens * top_k
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64)
+    order = torch.empty(pairs, dtype=torch.int64)
+    bad = lib.moe_sort(ids.data_ptr(), pairs, num_experts, offsets.data_ptr(), order.data_ptr())
+    if bad:
+        p = -1 - bad
+        raise ValueError(
+            f"top_k_index holds expert id {int(ids.view(-1)[p])} (token {p // top_k}): ids must lie in "
+            f"[0, {num_experts})"
+        )
+    y = torch.empty(pairs, hidden, dtype=torch.float32)  # [T*K, H] unweighted, (token, slot) order
+    out = torch.empty(tokens, hidden, dtype=torch.float32)
+
+    def experts(e0: int, e1: int) -> None:
+        scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
+        lib.moe_experts(
+            x.data_ptr(), order.data_ptr(), offsets.data_ptr(), e0, e1, top_k,
+            gate_up.data_ptr(), down.data_ptr(), hidden, inter, y.data_ptr(), scratch.data_ptr(),
+        )  # fmt: skip
+
+    threads = min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
+    if threads > 1:  # ctypes releases the GIL: the threads run the C code in parallel
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
+        list(_pool.map(lambda r: experts(*r), _chunks(offsets, pairs, threads)))
+    else:
+        experts(0, num_experts)
+    lib.moe_combine(y.data_ptr(), w.data_ptr(), 0, tokens, top_k, hidden, out.data_ptr())
+    return out
+
+
+class _FusedExperts(torch.autograd.Function):
+    """Forward through the kernel; backward recomputes with torch ops (``grouped_mm``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+        ctx.save_for_backward(x, ids, w, gate_up, down)
+        return _run(x, ids, w, gate_up, down)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        from .dispatch import dispatch_combine
+
+        x, ids, w, gate_up, down = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip((x, w, gate_up, down), needs)]
+            out = dispatch_combine(leaves[0], ids, leaves[1], leaves[2], leaves[3], check_ids=False)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        gx, gw, ggu, gdn = (next(grads) if n else None for n in needs)
+        return gx, None, gw, ggu, gdn
+
+
+def fused_cpu_dispatch(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    act_fn=F.silu,
+) -> Tensor:
+    """The routed experts through the fused CPU kernel: [T, H] -> [T, H] (float32, SiLU).
+
+    Same result as ``sorted_dispatch`` up to float32 rounding. Raises ValueError naming what it
+    cannot take (a GPU tensor, bf16, another activation, no compiler).
+    """
+    reason = unsupported(hidden_states, gate_up_proj, down_proj, act_fn)
+    if reason is not None:
+        raise ValueError(f"strategy='fused_cpu' cannot run here: {reason}")
+    args = (
+        hidden_states.contiguous(),
+        top_k_index.to(torch.int64).contiguous(),
+        top_k_weights.to(torch.float32).contiguous(),
+        gate_up_proj.contiguous(),
+        down_proj.contiguous(),
+    )
+    if hidden_states.shape[0] == 0:
+        return torch.zeros_like(hidden_states)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return _FusedExperts.apply(*args)
+    return _run(*args)

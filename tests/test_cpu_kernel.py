@@ -1,0 +1,252 @@
+"""The fused CPU kernel (strategy "fused_cpu"): built here, right against the references, chosen
+by "auto" only where it applies, and a clear error or a quiet fallback where it cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+from glm4moe_lib import MoE, MoEConfig, cpu_kernel, dispatch, preset
+from glm4moe_lib.dispatch import choose_strategy, dense_reference, dispatch_combine, sorted_dispatch
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernel.load_kernel() is None, reason=f"fused CPU kernel {cpu_kernel.kernel_status()}"
+)
+
+
+def _problem(tokens, experts, top_k, hidden, inter, skew=False, seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    gu = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    dn = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
+    p = torch.tensor([0.5**e for e in range(experts)]) + 1e-3 if skew else torch.ones(experts)
+    idx = torch.multinomial(p.expand(tokens, experts), top_k, generator=gen)
+    w = torch.rand(tokens, top_k, generator=gen)
+    if grad:
+        x, gu, dn, w = (t.requires_grad_(True) for t in (x, gu, dn, w))
+    return x, idx, w, gu, dn
+
+
+def test_kernel_builds_where_there_is_a_compiler():
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert cpu_kernel.load_kernel() is not None, cpu_kernel.kernel_status()
+    assert cpu_kernel.kernel_status().startswith("ready: ")
+
+
+CASES = [  # tokens, experts, top_k, hidden, inter, skewed
+    (1, 16, 4, 64, 32, False),  # one token
+    (3, 8, 1, 48, 16, False),  # top-1
+    (37, 16, 4, 40, 24, False),  # widths that are not multiples of 16: the scalar tails
+    (37, 16, 4, 40, 24, True),  # skewed: one expert gets most pairs (many 4-row passes + a remainder)
+    (300, 8, 2, 96, 48, True),
+    (64, 128, 8, 512, 128, False),  # the bench layer's widths
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-E{}-K{}-H{}-I{}{}".format(*c[:5], "-skew" * c[5]))
+def test_matches_dense_reference(case):
+    x, idx, w, gu, dn = _problem(*case)
+    ref = dense_reference(x, idx, w, gu, dn)
+    out = dispatch_combine(x, idx, w, gu, dn, strategy="fused_cpu")
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_same_result_with_any_thread_count():
+    x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+        torch.set_num_threads(3)  # three expert ranges, run by three Python threads
+        assert len(cpu_kernel._chunks(torch.tensor([0, 900, 1500, 2000, 2400]), 2400, 3)) == 3
+        many = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)  # each pair is computed alone, the K slots summed in one order
+
+
+def test_expert_ranges_cover_every_expert_once():
+    offsets = torch.tensor([0, 0, 10, 10, 11, 50, 50, 60])  # 7 experts, 60 pairs
+    for parts in (1, 2, 3, 7, 10):
+        ranges = cpu_kernel._chunks(offsets, 60, parts)
+        assert ranges[0][0] == 0 and ranges[-1][1] == 7
+        assert all(a < b for a, b in ranges) and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("skew", [False, True])
+def test_gradients_equal_dense_reference(skew):
+    x, idx, w, gu, dn = _problem(23, 16, 4, 40, 24, skew=skew, grad=True)
+    g_out = torch.randn(23, 40)
+    out = dispatch_combine(x, idx, w, gu, dn, strategy="fused_cpu")
+    ref = dense_reference(x, idx, w, gu, dn)
+    grads = torch.autograd.grad(out, (x, w, gu, dn), g_out)
+    refs = torch.autograd.grad(ref, (x, w, gu, dn), g_out)
+    for name, a, b in zip(("x", "weights", "gate_up", "down"), grads, refs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
+
+
+@needs_kernel
+def test_gradient_of_the_input_alone():
+    x, idx, w, gu, dn = _problem(5, 8, 2, 32, 16)
+    x.requires_grad_(True)
+    out = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    (ref,) = torch.autograd.grad(sorted_dispatch(x, idx, w, gu, dn).sum(), x)
+    torch.testing.assert_close(gx, ref, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("grad", [False, True])
+def test_layer_matches_transformers(grad):
+    cfg = MoEConfig(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                    n_group=4, topk_group=2, routed_scaling_factor=2.5, dispatch="fused_cpu")  # fmt: skip
+    torch.manual_seed(0)
+    hf = Glm4MoeMoE(cfg.to_hf())
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(std=0.3)
+        hf.gate.e_score_correction_bias.normal_(std=0.3)
+    moe = MoE(cfg)
+    moe.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 9, 64)
+    with torch.set_grad_enabled(grad):
+        x_hf, x_ours = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+        y_hf, y_ours = hf(x_hf), moe(x_ours)
+    torch.testing.assert_close(y_ours, y_hf, rtol=1e-5, atol=1e-5)  # outputs ~30: float32 rounding
+    if grad:
+        g = torch.randn_like(y_hf)
+        y_hf.backward(g)
+        y_ours.backward(g)
+        torch.testing.assert_close(x_ours.grad, x_hf.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(moe.experts.gate_up_proj.grad, hf.experts.gate_up_proj.grad, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
+
+
+@needs_kernel
+def test_auto_picks_it_for_float32_inference_at_small_batches():
+    moe = MoE(preset("bench")).eval()
+    x = lambda t: torch.zeros(t, 512)  # noqa: E731
+    idx = lambda t: torch.zeros(t, 8, dtype=torch.long)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            for t in (1, 16, 256, 512):  # T·K <= 32·E
+                assert choose_strategy(x(t), idx(t), 128) == "fused_cpu"
+                assert choose_strategy(x(t), idx(t), 128, F.silu) == "fused_cpu"
+            assert choose_strategy(x(513), idx(513), 128) != "fused_cpu"
+            assert choose_strategy(x(16), idx(16), 128, F.gelu) != "fused_cpu"  # SiLU only
+            assert choose_strategy(x(16).bfloat16(), idx(16), 128) != "fused_cpu"  # float32 only
+            torch.set_num_threads(2)
+            assert choose_strategy(x(1024), idx(1024), 128) == "fused_cpu"  # 2 threads: up to 64·E
+        assert choose_strategy(x(16), idx(16), 128) != "fused_cpu"  # gradients: grouped_mm
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():  # and the layer's "auto" output is the kernel's
+        xs = torch.randn(5, 512)
+        r = moe.gate(xs)
+        out = moe.experts(xs, r.topk_indices, r.topk_weights)
+        assert torch.equal(out, cpu_kernel.fused_cpu_dispatch(xs, r.topk_indices, r.topk_weights,
+                                                              moe.experts.gate_up_proj, moe.experts.down_proj))  # fmt: skip
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    assert cpu_kernel.load_kernel() is None
+    assert cpu_kernel.kernel_status() == "off (GLM4MOE_CPU_KERNEL=0)"
+    with torch.no_grad():
+        assert choose_strategy(torch.zeros(1, 64), torch.zeros(1, 2, dtype=torch.long), 16) == "gather_bmm"
+    x, idx, w, gu, dn = _problem(4, 8, 2, 32, 16)
+    with pytest.raises(ValueError, match=r"strategy='fused_cpu' cannot run here: .*GLM4MOE_CPU_KERNEL=0"):
+        dispatch_combine(x, idx, w, gu, dn, strategy="fused_cpu")
+
+
+@needs_kernel
+def test_bad_inputs_get_clear_errors():
+    x, idx, w, gu, dn = _problem(4, 8, 2, 32, 16)
+    bad = idx.clone()
+    bad[2, 1] = 8
+    with pytest.raises(
+        ValueError, match=r"top_k_index holds expert id 8 \(token 2\): ids must lie in \[0, 8\)"
+    ):
+        cpu_kernel.fused_cpu_dispatch(x, bad, w, gu, dn)
+    with pytest.raises(
+        ValueError, match=r"hidden_states has dtype torch.bfloat16: the fused kernel is float32"
+    ):
+        dispatch_combine(x.bfloat16(), idx, w, gu.bfloat16(), dn.bfloat16(), strategy="fused_cpu")
+    with pytest.raises(ValueError, match=r"act_fn='gelu': the fused kernel implements SiLU only"):
+        dispatch_combine(x, idx, w, gu, dn, F.gelu, strategy="fused_cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"is on cuda:0: the fused kernel runs on the CPU only"):
+            dispatch_combine(x.cuda(), idx.cuda(), w.cuda(), gu.cuda(), dn.cuda(), strategy="fused_cpu")
+    # int32 ids and non-contiguous inputs are accepted (made contiguous int64 first)
+    out = cpu_kernel.fused_cpu_dispatch(x.t().contiguous().t(), idx.int(), w, gu, dn)
+    torch.testing.assert_close(out, dense_reference(x, idx, w, gu, dn), rtol=1e-5, atol=1e-5)
+    assert cpu_kernel.fused_cpu_dispatch(x[:0], idx[:0], w[:0], gu, dn).shape == (0, 32)
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch, tmp_path):
+    """A cold cache in tmp_path, and no kernel loaded yet (restored afterwards)."""
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_why_not", None)
+    monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_failed_build_falls_back_and_says_why(fresh_kernel_state, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: str(broken))
+    assert cpu_kernel.load_kernel() is None
+    assert "could not build moe_cpu.c: cc: fatal error: no such thing" in cpu_kernel.kernel_status()
+    assert not any(fresh_kernel_state.iterdir())  # no half-written library left behind
+    with torch.no_grad():
+        assert choose_strategy(torch.zeros(1, 64), torch.zeros(1, 2, dtype=torch.long), 16) == "gather_bmm"
+    x, idx, w, gu, dn = _problem(4, 8, 2, 32, 16)
+    with pytest.raises(ValueError, match="could not build moe_cpu.c"):
+        dispatch_combine(x, idx, w, gu, dn, strategy="fused_cpu")
+    moe = MoE(MoEConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2))
+    with torch.no_grad():  # the layer's "auto" still works, through the torch strategies
+        routing = moe.gate(x)
+        routed = moe.experts(x, routing.topk_indices, routing.topk_weights, strategy="sorted")
+        torch.testing.assert_close(moe(x), routed + moe.shared_experts(x))
+
+
+def test_no_compiler_falls_back(fresh_kernel_state, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    assert cpu_kernel.load_kernel() is None
+    assert (
+        cpu_kernel.kernel_status() == "not available: no C compiler found (set CC, or install gcc or clang)"
+    )
+
+
+def test_build_is_cached(fresh_kernel_state, monkeypatch):
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert cpu_kernel.load_kernel() is not None
+    built = sorted(p.name for p in fresh_kernel_state.iterdir())
+    assert len(built) == 1 and built[0].startswith("moe_cpu-") and not built[0].endswith(".tmp")
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+
+    def no_rebuild(*args):
+        raise AssertionError("the cached library should have been used")
+
+    monkeypatch.setattr(cpu_kernel, "_build", no_rebuild)
+    assert cpu_kernel.load_kernel() is not None
+
+
+def test_not_traced_by_torch_compile():
+    assert not dispatch._compiles("fused_cpu", torch.device("cpu"))
+
+
+def test_source_ships_with_the_package():
+    assert cpu_kernel.SOURCE.is_file() and "moe_experts" in cpu_kernel.SOURCE.read_text()
