@@ -52,6 +52,11 @@ _why_not: str | None = None  # why the kernel is not available, once a load was 
 _pool: ThreadPoolExecutor | None = None
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def _cache_dir() -> Path:
     if os.environ.get(ENV_CACHE):
         return Path(os.environ[ENV_CACHE])
@@ -104,6 +109,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_sort.argtypes, lib.moe_sort.restype = [p, i64, i64, p, p], i64
     lib.moe_experts.argtypes, lib.moe_experts.restype = [p, p, p, i64, i64, i64, p, p, i64, i64, p, p], None
     lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, i64, p], None
+    lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     return lib
 
 
@@ -210,6 +216,41 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Te
         experts(0, num_experts)
     lib.moe_combine(y.data_ptr(), w.data_ptr(), 0, tokens, top_k, hidden, out.data_ptr())
     return out
+
+
+#: a SwiGLU MLP (the shared expert) runs through the kernel up to this many tokens (inference):
+#: measured at H=512, I=128, 1 thread: 21 µs vs torch's 39 µs at T=1, even at T=8
+MLP_MAX_TOKENS = 4
+
+
+def mlp_applies(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, act_fn) -> bool:
+    """Whether :func:`swiglu_mlp` should run this MLP call: a few tokens, float32 CPU inference."""
+    return (
+        x.dim() >= 1
+        and x.numel() <= MLP_MAX_TOKENS * x.shape[-1]
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, down)))
+        and not _compiling()
+        and unsupported(x, gate, down, act_fn) is None
+        and up.dtype == torch.float32
+    )
+
+
+def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """down @ (silu(gate @ x) * (up @ x)) for x [..., H] through the kernel (no autograd).
+
+    gate, up [I, H] and down [H, I] as ``nn.Linear`` weights; float32 on the CPU.
+    """
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
+    gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
+    inter = gate.shape[0]
+    y = torch.empty(rows.shape[0], down.shape[0], dtype=torch.float32)  # [T, H]
+    scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
+    load_kernel().mlp_forward(
+        rows.data_ptr(), rows.shape[0], gate.data_ptr(), up.data_ptr(), down.data_ptr(),
+        rows.shape[1], inter, y.data_ptr(), scratch.data_ptr(),
+    )  # fmt: skip
+    return y.reshape(*shape[:-1], down.shape[0])
 
 
 class _FusedExperts(torch.autograd.Function):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_kernel
 from .config import MoEConfig
 
 ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -34,6 +35,9 @@ class MLP(nn.Module):
         self.act_fn = ACT_FNS[hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:  # [..., H] -> [..., H]
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        if cpu_kernel.mlp_applies(x, *weights, self.act_fn):  # a few tokens, float32 CPU inference
+            return cpu_kernel.swiglu_mlp(x, *weights)  # the same math in one C call
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
 
-from glm4moe_lib import MoE, MoEConfig, cpu_kernel, dispatch, preset
+from glm4moe_lib import MLP, MoE, MoEConfig, cpu_kernel, dispatch, preset
 from glm4moe_lib.dispatch import choose_strategy, dense_reference, dispatch_combine, sorted_dispatch
 
 needs_kernel = pytest.mark.skipif(
@@ -250,3 +250,32 @@ def test_not_traced_by_torch_compile():
 
 def test_source_ships_with_the_package():
     assert cpu_kernel.SOURCE.is_file() and "moe_experts" in cpu_kernel.SOURCE.read_text()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 40), (4, 40), (2, 2, 40), (1, 1, 512)])
+def test_shared_mlp_fast_path_matches_torch(shape):
+    torch.manual_seed(0)
+    mlp = MLP(shape[-1], 24 if shape[-1] == 40 else 128)
+    x = torch.randn(*shape)
+    ref = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # the torch ops
+    weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    with torch.no_grad():
+        assert cpu_kernel.mlp_applies(x, *weights, mlp.act_fn)
+        out = mlp(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_mlp_fast_path_only_where_it_applies():
+    mlp = MLP(40, 24)
+    weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    x = torch.randn(3, 40)
+    assert not cpu_kernel.mlp_applies(x, *weights, mlp.act_fn)  # gradients wanted: torch ops
+    out = mlp(x.requires_grad_(True))
+    out.sum().backward()
+    assert x.grad is not None and mlp.gate_proj.weight.grad is not None
+    with torch.no_grad():
+        assert not cpu_kernel.mlp_applies(torch.randn(5, 40), *weights, mlp.act_fn)  # > 4 tokens
+        assert not cpu_kernel.mlp_applies(x, *weights, F.gelu)
+        assert not cpu_kernel.mlp_applies(x.bfloat16(), *(w.bfloat16() for w in weights), mlp.act_fn)

@@ -8,8 +8,9 @@
  *
  * Why it is fast for a few tokens: a token needs K experts' weights, each read from memory once
  * (the limit), and at small T the BLAS spends more time per tiny GEMM than reading them takes.
- * Here each expert's rows are read once, in address order, while up to RB of its tokens are
- * multiplied with them (one load feeds RB fused multiply-adds); a prefetch runs PF floats ahead.
+ * Here each expert's rows are read once, in address order (the hardware prefetcher follows; a
+ * software prefetch measured no faster), while up to RB of its tokens are multiplied with them:
+ * one load of weights feeds RB fused multiply-adds.
  * Plain C with GCC/Clang vector types: 16 floats per vector compile to one AVX-512 register,
  * two AVX2 or four NEON registers, whichever -march=native has.
  */
@@ -22,7 +23,6 @@ typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, 
 typedef float half __attribute__((vector_size(32)));
 #define VL 16    /* floats per vec */
 #define RB 4     /* token rows that share one pass over an expert's weights */
-#define PF 4096  /* prefetch distance in floats (16 KB ahead) */
 
 static inline vec load(const float *p) { return *(const vec_u *)p; }
 
@@ -47,8 +47,6 @@ static inline __attribute__((always_inline)) void rows_dot(const float *w, int64
         for (int r = 0; r < NR; r++) a0[r] = a1[r] = (vec){0};
         int64_t h = 0;
         for (; h < n2; h += 2 * VL) {
-            __builtin_prefetch(wj + h + PF, 0, 0);
-            __builtin_prefetch(wj + h + PF + VL, 0, 0);
             const vec w0 = load(wj + h), w1 = load(wj + h + VL);
             for (int r = 0; r < NR; r++) {
                 a0[r] += w0 * load(x[r] + h);
@@ -93,16 +91,36 @@ int64_t moe_sort(const int64_t *ids, int64_t pairs, int64_t E, int64_t *offsets,
     return 0;
 }
 
+/* yr[r] = down @ (silu(gate @ xr[r]) * (up @ xr[r])) for r < nr: one SwiGLU expert on nr <= RB
+ * tokens. gate, up [I, H] and down [H, I] row-major; g holds RB rows of [2I], a RB rows of [I]. */
+static void swiglu_rows(const float *gate, const float *up, const float *down, int64_t H, int64_t I,
+                        const float *const *xr, int nr, float *const *yr, float *const *g, float *const *a) {
+    float *u[RB];
+    for (int r = 0; r < RB; r++) u[r] = g[r] + I; /* the up half of each [2I] row */
+    rows_dot_n(gate, I, H, xr, nr, g);
+    rows_dot_n(up, I, H, xr, nr, u);
+    for (int r = 0; r < nr; r++)
+        for (int64_t i = 0; i < I; i++) {
+            const float gt = g[r][i];
+            a[r][i] = gt / (1.0f + expf(-gt)) * u[r][i];
+        }
+    rows_dot_n(down, H, I, (const float *const *)a, nr, yr);
+}
+
+static void split_scratch(float *scratch, int64_t I, float **g, float **a) {
+    for (int r = 0; r < RB; r++) {
+        g[r] = scratch + r * 2 * I;          /* [2I]: gate then up */
+        a[r] = scratch + RB * 2 * I + r * I; /* [I]: silu(gate) * up */
+    }
+}
+
 /* y[p] = expert_e(x[p / K]) for every pair p of the experts e in [e0, e1).
  * gate_up [E, 2I, H] (gate rows first), down [E, H, I]; scratch holds RB * 3 * I floats. */
 void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, int64_t e0, int64_t e1,
                  int64_t K, const float *gate_up, const float *down, int64_t H, int64_t I, float *y,
                  float *scratch) {
     float *g[RB], *a[RB];
-    for (int r = 0; r < RB; r++) {
-        g[r] = scratch + r * 2 * I;          /* [2I]: gate then up */
-        a[r] = scratch + RB * 2 * I + r * I; /* [I]: silu(gate) * up */
-    }
+    split_scratch(scratch, I, g, a);
     for (int64_t e = e0; e < e1; e++) {
         const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
         for (int64_t p = offsets[e]; p < offsets[e + 1]; p += RB) {
@@ -113,14 +131,26 @@ void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, i
                 xr[r] = x + (order[p + r] / K) * H;
                 yr[r] = y + order[p + r] * H;
             }
-            rows_dot_n(gu, 2 * I, H, xr, nr, g);
-            for (int r = 0; r < nr; r++)
-                for (int64_t i = 0; i < I; i++) {
-                    const float gate = g[r][i];
-                    a[r][i] = gate / (1.0f + expf(-gate)) * g[r][I + i];
-                }
-            rows_dot_n(dn, H, I, (const float *const *)a, nr, yr);
+            swiglu_rows(gu, gu + I * H, dn, H, I, xr, nr, yr, g, a);
         }
+    }
+}
+
+/* y[t] = down @ (silu(gate @ x[t]) * (up @ x[t])) for t < T: a SwiGLU MLP (the shared expert)
+ * with gate, up [I, H] and down [H, I]; scratch holds RB * 3 * I floats. */
+void mlp_forward(const float *x, int64_t T, const float *gate, const float *up, const float *down,
+                 int64_t H, int64_t I, float *y, float *scratch) {
+    float *g[RB], *a[RB];
+    split_scratch(scratch, I, g, a);
+    for (int64_t t = 0; t < T; t += RB) {
+        const int nr = (int)(T - t < RB ? T - t : RB);
+        const float *xr[RB];
+        float *yr[RB];
+        for (int r = 0; r < nr; r++) {
+            xr[r] = x + (t + r) * H;
+            yr[r] = y + (t + r) * H;
+        }
+        swiglu_rows(gate, up, down, H, I, xr, nr, yr, g, a);
     }
 }
 
