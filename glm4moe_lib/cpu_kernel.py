@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "moe_cpu.c"
 #: set to "0" to turn the kernel off (``"auto"`` then never picks it)
@@ -155,9 +156,17 @@ def kernel_status() -> str:
 
 
 def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn=F.silu) -> str | None:
-    """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler."""
+    """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler,
+    plain tensors, and no TorchDispatchMode watching (a FLOP counter or an op counter would not
+    see inside the C call, so under one the torch strategies run)."""
+    if _get_current_dispatch_mode() is not None:
+        return (
+            f"{type(_get_current_dispatch_mode()).__name__} is active and could not see inside the C kernel"
+        )
     tensors = {"hidden_states": hidden_states, "gate_up_proj": gate_up_proj, "down_proj": down_proj}
     for name, t in tensors.items():
+        if type(t) not in (Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return f"{name} is a {type(t).__name__} under a transform or subclass: the fused kernel needs plain tensors"
         if t.device.type != "cpu":
             return f"{name} is on {t.device}: the fused kernel runs on the CPU only"
         if t.dtype != torch.float32:

@@ -460,10 +460,8 @@ def choose_strategy(
         if (
             inference
             and not _compiling()
-            and hidden_states.dtype == torch.float32
-            and act_fn in (None, F.silu)
             and pairs <= FUSED_CPU_MAX_PAIRS_PER_EXPERT * min(torch.get_num_threads(), 2) * num_experts
-            and cpu_kernel.load_kernel() is not None
+            and cpu_kernel.unsupported(hidden_states, hidden_states, hidden_states, act_fn or F.silu) is None
         ):
             return "fused_cpu"
         if inference and _compiling() and not small:

@@ -279,3 +279,25 @@ def test_shared_mlp_fast_path_only_where_it_applies():
         assert not cpu_kernel.mlp_applies(torch.randn(5, 40), *weights, mlp.act_fn)  # > 4 tokens
         assert not cpu_kernel.mlp_applies(x, *weights, F.gelu)
         assert not cpu_kernel.mlp_applies(x.bfloat16(), *(w.bfloat16() for w in weights), mlp.act_fn)
+
+
+@needs_kernel
+def test_flop_counters_and_transforms_see_the_torch_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    moe = MoE(MoEConfig(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=2))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        routing = moe.gate(x)
+        assert choose_strategy(x, routing.topk_indices, 16) == "fused_cpu"
+        with FlopCounterMode(display=False) as counter:
+            assert choose_strategy(x, routing.topk_indices, 16) != "fused_cpu"
+            moe(x)
+    # router 2·H·E, the shared expert 3·2·H·I and K routed experts 3·2·H·I each
+    assert counter.get_total_flops() == 2 * 64 * 16 + 6 * 64 * 32 + 2 * 6 * 64 * 32
+    with pytest.raises(ValueError, match="FlopCounterMode is active"), FlopCounterMode(display=False):
+        cpu_kernel.fused_cpu_dispatch(x, routing.topk_indices, routing.topk_weights,
+                                      moe.experts.gate_up_proj, moe.experts.down_proj)  # fmt: skip
+    with torch.no_grad():  # under vmap the tensors are wrapped: the torch ops run
+        out = torch.func.vmap(moe)(x.expand(3, 1, 64))
+    torch.testing.assert_close(out, moe(x).detach().expand(3, 1, 64), rtol=1e-5, atol=1e-6)
