@@ -53,6 +53,10 @@ _why_not: str | None = None  # why the kernel is not available, once a load was 
 _pool: ThreadPoolExecutor | None = None
 
 
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip() == "0"
+
+
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
@@ -117,7 +121,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 def load_kernel() -> ctypes.CDLL | None:
     """The built kernel (building it the first time), or None where it is not available."""
     global _lib, _why_not
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if _switched_off():
         return None
     if _lib is not None or _why_not is not None:
         return _lib
@@ -149,33 +153,46 @@ def load_kernel() -> ctypes.CDLL | None:
 
 def kernel_status() -> str:
     """One line: where the kernel is loaded from, or why it is not available."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if _switched_off():
         return f"off ({ENV_SWITCH}=0)"
     lib = load_kernel()
     return f"ready: {lib._name}" if lib is not None else f"not available: {_why_not}"
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn=F.silu) -> str | None:
     """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler,
     plain tensors, and no TorchDispatchMode watching (a FLOP counter or an op counter would not
-    see inside the C call, so under one the torch strategies run)."""
+    see inside the C call, so under one the torch strategies run). Cheap: it runs on every call."""
+    tensors = (hidden_states, gate_up_proj, down_proj)
+    if (
+        all(
+            type(t) in _PLAIN and t.is_cpu and t.dtype is torch.float32 and not _is_wrapped(t)
+            for t in tensors
+        )
+        and act_fn is F.silu
+        and _get_current_dispatch_mode() is None
+        and (_lib is not None or load_kernel() is not None)
+        and not _switched_off()
+    ):
+        return None  # the common case, checked in one pass; below, which condition failed
     if _get_current_dispatch_mode() is not None:
         return (
             f"{type(_get_current_dispatch_mode()).__name__} is active and could not see inside the C kernel"
         )
-    tensors = {"hidden_states": hidden_states, "gate_up_proj": gate_up_proj, "down_proj": down_proj}
-    for name, t in tensors.items():
-        if type(t) not in (Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+    for name, t in zip(("hidden_states", "gate_up_proj", "down_proj"), tensors):
+        if type(t) not in _PLAIN or _is_wrapped(t):
             return f"{name} is a {type(t).__name__} under a transform or subclass: the fused kernel needs plain tensors"
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return f"{name} is on {t.device}: the fused kernel runs on the CPU only"
-        if t.dtype != torch.float32:
+        if t.dtype is not torch.float32:
             return f"{name} has dtype {t.dtype}: the fused kernel is float32 only"
     if act_fn is not F.silu:
         return f"act_fn={getattr(act_fn, '__name__', act_fn)!r}: the fused kernel implements SiLU only"
-    if load_kernel() is None:
-        return f"the fused CPU kernel is {kernel_status()}"
-    return None
+    return f"the fused CPU kernel is {kernel_status()}"
 
 
 def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
@@ -193,7 +210,7 @@ def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
 def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """The kernel on contiguous float32 x [T, H], int64 ids [T, K], float32 w [T, K] -> [T, H]."""
     global _pool
-    lib = load_kernel()
+    lib = _lib  # loaded: the caller checked unsupported()
     tokens, hidden = x.shape
     top_k, num_experts, inter = ids.shape[1], gate_up.shape[0], down.shape[2]
     pairs = tokens * top_k
@@ -255,7 +272,7 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     inter = gate.shape[0]
     y = torch.empty(rows.shape[0], down.shape[0], dtype=torch.float32)  # [T, H]
     scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
-    load_kernel().mlp_forward(
+    _lib.mlp_forward(
         rows.data_ptr(), rows.shape[0], gate.data_ptr(), up.data_ptr(), down.data_ptr(),
         rows.shape[1], inter, y.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip

@@ -37,7 +37,7 @@ def compute_scores(logits: Tensor, scoring_func: str = "sigmoid", temperature: f
     """Scores in float32: softmax over experts (probabilities) or an independent sigmoid each."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is not allowed: it must be > 0")
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if scoring_func == "softmax":
         return logits.softmax(dim=-1)
     if scoring_func == "sigmoid":
