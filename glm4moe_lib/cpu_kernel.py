@@ -40,8 +40,9 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "moe_cpu.c"
 ENV_SWITCH = "GLM4MOE_CPU_KERNEL"
 #: where the built library is cached (default: $XDG_CACHE_HOME or ~/.cache, then glm4moe_lib)
 ENV_CACHE = "GLM4MOE_CACHE_DIR"
-#: tried in order: the first that builds is used (a compiler without -march=native gets plain -O3)
-FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+#: tried in order: the first that builds is used (a compiler without -march=native gets plain -O3);
+#: -ffp-contract=fast lets a multiply and an add become one fused multiply-add
+FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"])
 #: floats of scratch per thread: RB=4 rows of [2I] + [I]
 _ROWS_PER_PASS = 4
 #: with more than one torch thread, at least this many (token, slot) pairs per extra thread

@@ -20,45 +20,33 @@
 
 typedef float vec __attribute__((vector_size(64)));                /* 16 floats */
 typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, at any float address */
-typedef float half __attribute__((vector_size(32)));
 #define VL 16    /* floats per vec */
 #define RB 4     /* token rows that share one pass over an expert's weights */
 
 static inline vec load(const float *p) { return *(const vec_u *)p; }
 
-static inline float hsum(vec v) { /* tree sum of the 16 lanes */
-    half lo, hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
-    lo += hi;
-    float s[8];
-    memcpy(s, &lo, sizeof s);
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+static inline float hsum(vec v) { /* tree sum of the 16 lanes (no memcpy: v stays in registers) */
+    const float a = ((v[0] + v[8]) + (v[1] + v[9])) + ((v[2] + v[10]) + (v[3] + v[11]));
+    const float b = ((v[4] + v[12]) + (v[5] + v[13])) + ((v[6] + v[14]) + (v[7] + v[15]));
+    return a + b;
 }
 
-/* out[r][j] = w[j, :] . x[r][:] for r < NR, j < m (w is [m, n], row-major): one pass over w */
+/* out[r][j] = w[j, :] . x[r][:] for r < NR, j < m (w is [m, n], row-major): one pass over w,
+ * each weight vector loaded once and multiplied into all NR tokens' sums */
 static inline __attribute__((always_inline)) void rows_dot(const float *w, int64_t m, int64_t n,
                                                            const float *const *x, const int NR,
                                                            float *const *out) {
-    const int64_t n2 = n - n % (2 * VL), n1 = n - n % VL;
+    const int64_t n1 = n - n % VL; /* whole vectors; the last n % VL floats one by one */
     for (int64_t j = 0; j < m; j++) {
         const float *wj = w + j * n;
-        vec a0[RB], a1[RB]; /* two partial sums per row: two FMA chains in flight */
-        for (int r = 0; r < NR; r++) a0[r] = a1[r] = (vec){0};
-        int64_t h = 0;
-        for (; h < n2; h += 2 * VL) {
-            const vec w0 = load(wj + h), w1 = load(wj + h + VL);
-            for (int r = 0; r < NR; r++) {
-                a0[r] += w0 * load(x[r] + h);
-                a1[r] += w1 * load(x[r] + h + VL);
-            }
-        }
-        if (h < n1) {
-            const vec w0 = load(wj + h);
-            for (int r = 0; r < NR; r++) a0[r] += w0 * load(x[r] + h);
+        vec acc[RB];
+        for (int r = 0; r < NR; r++) acc[r] = (vec){0};
+        for (int64_t h = 0; h < n1; h += VL) {
+            const vec wv = load(wj + h);
+            for (int r = 0; r < NR; r++) acc[r] += wv * load(x[r] + h);
         }
         for (int r = 0; r < NR; r++) {
-            float s = hsum(a0[r] + a1[r]);
+            float s = hsum(acc[r]);
             for (int64_t t = n1; t < n; t++) s += wj[t] * x[r][t];
             out[r][j] = s;
         }
