@@ -432,9 +432,7 @@ def run(
                 steps: dict[str, Callable[[], None]] = {}
                 skipped: dict[str, str] = {}
                 for s in strategies:
-                    if s == "fused_cpu":  # a C kernel for float32 CPU inference (it may not build here)
-                        if mode != "forward":
-                            continue  # an inference path: its backward recomputes through grouped_mm
+                    if s == "fused_cpu":  # a C kernel for float32 on a CPU (it may not build here)
                         why = unsupported(
                             x, lib.experts.gate_up_proj, lib.experts.down_proj, lib.experts.act_fn
                         )

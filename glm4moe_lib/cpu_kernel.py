@@ -11,9 +11,12 @@ It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``cl
 use, for this CPU (``-march=native``), and cached under ``~/.cache/glm4moe_lib`` (or
 ``$GLM4MOE_CACHE_DIR``); the build takes well under a second. Where there is no compiler, or
 ``GLM4MOE_CPU_KERNEL=0``, it is simply not available: ``"auto"`` then uses the torch strategies,
-and asking for ``strategy="fused_cpu"`` says why it cannot run. float32 and SiLU only; with
-gradients the forward is fused and the backward recomputes through ``grouped_mm`` (training at
-larger T should use ``grouped_mm`` directly, which is what ``"auto"`` picks).
+and asking for ``strategy="fused_cpu"`` says why it cannot run. float32 and SiLU only.
+
+With gradients the forward also keeps each pair's gate and up pre-activations, and the backward
+(``moe_experts_bwd``) makes one more pass over each touched expert's weights: the input, routing
+weight and weight gradients, each expert's gradient written once (zeros for untouched experts,
+as PyTorch's dense ``.grad`` needs).
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None  # why the kernel is not available, once a load was tried
 _pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def _switched_off() -> bool:
@@ -113,7 +123,12 @@ def _build(compiler: str, target: Path) -> str | None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.moe_sort.argtypes, lib.moe_sort.restype = [p, i64, i64, p, p], i64
-    lib.moe_experts.argtypes, lib.moe_experts.restype = [p, p, p, i64, i64, i64, p, p, i64, i64, p, p], None
+    lib.moe_experts.argtypes, lib.moe_experts.restype = (
+        [p, p, p, i64, i64, i64, p, p, i64, i64, p, p, p],
+        None,
+    )
+    lib.moe_experts_bwd.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, p, i64, i64, p, p, p, p, p]
+    lib.moe_experts_bwd.restype = None
     lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, i64, p], None
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     return lib
@@ -176,6 +191,7 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
         )
         and act_fn is F.silu
         and _get_current_dispatch_mode() is None
+        and not _cpu_autocast()
         and (_lib is not None or load_kernel() is not None)
         and not _switched_off()
     ):
@@ -193,6 +209,8 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
             return f"{name} has dtype {t.dtype}: the fused kernel is float32 only"
     if act_fn is not F.silu:
         return f"act_fn={getattr(act_fn, '__name__', act_fn)!r}: the fused kernel implements SiLU only"
+    if _cpu_autocast():
+        return "CPU autocast is on: the fused kernel computes in float32 only"
     return f"the fused CPU kernel is {kernel_status()}"
 
 
@@ -208,9 +226,24 @@ def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    """The kernel on contiguous float32 x [T, H], int64 ids [T, K], float32 w [T, K] -> [T, H]."""
+def _parallel(work, offsets: Tensor, pairs: int, num_experts: int) -> None:
+    """Run ``work(e0, e1)`` over all experts: in torch's thread count of expert ranges of about
+    equal pair counts (ctypes releases the GIL, so the C code runs in parallel), or in one call."""
     global _pool
+    threads = min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
+    if threads > 1:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
+        list(_pool.map(lambda r: work(*r), _chunks(offsets, pairs, threads)))
+    else:
+        work(0, num_experts)
+
+
+def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor, save: bool = False):
+    """The kernel on contiguous float32 x [T, H], int64 ids [T, K], float32 w [T, K] -> [T, H].
+
+    With ``save`` also returns what the backward needs: (order, offsets, hsave [T*K, 2I]).
+    """
     lib = _lib  # loaded: the caller checked unsupported()
     tokens, hidden = x.shape
     top_k, num_experts, inter = ids.shape[1], gate_up.shape[0], down.shape[2]
@@ -225,6 +258,7 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Te
             f"[0, {num_experts})"
         )
     y = torch.empty(pairs, hidden, dtype=torch.float32)  # [T*K, H] unweighted, (token, slot) order
+    hsave = torch.empty(pairs, 2 * inter, dtype=torch.float32) if save else None  # [T*K, 2I]
     out = torch.empty(tokens, hidden, dtype=torch.float32)
 
     def experts(e0: int, e1: int) -> None:
@@ -232,17 +266,35 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Te
         lib.moe_experts(
             x.data_ptr(), order.data_ptr(), offsets.data_ptr(), e0, e1, top_k,
             gate_up.data_ptr(), down.data_ptr(), hidden, inter, y.data_ptr(), scratch.data_ptr(),
+            hsave.data_ptr() if save else None,
         )  # fmt: skip
 
-    threads = min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
-    if threads > 1:  # ctypes releases the GIL: the threads run the C code in parallel
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
-        list(_pool.map(lambda r: experts(*r), _chunks(offsets, pairs, threads)))
-    else:
-        experts(0, num_experts)
+    _parallel(experts, offsets, pairs, num_experts)
     lib.moe_combine(y.data_ptr(), w.data_ptr(), 0, tokens, top_k, hidden, out.data_ptr())
-    return out
+    return (out, (order, offsets, hsave)) if save else out
+
+
+def _run_backward(grad_out, x, ids, w, gate_up, down, order, offsets, hsave):
+    """Gradients of :func:`_run`'s output for x, w, gate_up and down (every expert's, zeros where
+    an expert got no token), in one more pass over each touched expert's weights."""
+    tokens, hidden = x.shape
+    top_k, num_experts, inter = ids.shape[1], gate_up.shape[0], down.shape[2]
+    pairs = tokens * top_k
+    grad_out = grad_out.to(torch.float32).contiguous()
+    dx_slots = torch.empty(pairs, hidden, dtype=torch.float32)  # [T*K, H]
+    dw = torch.empty(tokens, top_k, dtype=torch.float32)
+    d_gate_up, d_down = torch.empty_like(gate_up), torch.empty_like(down)  # written whole by the kernel
+
+    def experts(e0: int, e1: int) -> None:
+        scratch = torch.empty(_ROWS_PER_PASS * 4 * inter, dtype=torch.float32)
+        _lib.moe_experts_bwd(
+            x.data_ptr(), order.data_ptr(), offsets.data_ptr(), e0, e1, top_k, w.data_ptr(),
+            grad_out.data_ptr(), gate_up.data_ptr(), down.data_ptr(), hsave.data_ptr(), hidden, inter,
+            dx_slots.data_ptr(), dw.data_ptr(), d_gate_up.data_ptr(), d_down.data_ptr(), scratch.data_ptr(),
+        )  # fmt: skip
+
+    _parallel(experts, offsets, pairs, num_experts)
+    return dx_slots.view(tokens, top_k, hidden).sum(dim=1), dw, d_gate_up, d_down
 
 
 #: a SwiGLU MLP (the shared expert) runs through the kernel up to this many tokens (inference):
@@ -281,27 +333,26 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
 
 
 class _FusedExperts(torch.autograd.Function):
-    """Forward through the kernel; backward recomputes with torch ops (``grouped_mm``)."""
+    """The kernel forward (keeping each pair's gate and up pre-activations) and its C backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-        ctx.save_for_backward(x, ids, w, gate_up, down)
-        return _run(x, ids, w, gate_up, down)
+        out, (order, offsets, hsave) = _run(x, ids, w, gate_up, down, save=True)
+        ctx.save_for_backward(x, ids, w, gate_up, down, order, offsets, hsave)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        from .dispatch import dispatch_combine
-
-        x, ids, w, gate_up, down = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip((x, w, gate_up, down), needs)]
-            out = dispatch_combine(leaves[0], ids, leaves[1], leaves[2], leaves[3], check_ids=False)
-            wanted = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        gx, gw, ggu, gdn = (next(grads) if n else None for n in needs)
-        return gx, None, gw, ggu, gdn
+        dx, dw, d_gate_up, d_down = _run_backward(grad_out, *ctx.saved_tensors)
+        needs = ctx.needs_input_grad
+        return (
+            dx if needs[0] else None,
+            None,
+            dw if needs[2] else None,
+            d_gate_up if needs[3] else None,
+            d_down if needs[4] else None,
+        )
 
 
 def fused_cpu_dispatch(

@@ -128,6 +128,9 @@ def test_choose_strategy_cpu_by_shape(monkeypatch):
 
 
 def test_choose_strategy_grouped_mm_where_supported(monkeypatch):
+    monkeypatch.setenv(
+        dispatch.cpu_kernel.ENV_SWITCH, "0"
+    )  # the torch rules (the C kernel: test_cpu_kernel.py)
     x = torch.zeros(64, 512, dtype=torch.bfloat16)
     idx = torch.zeros(64, 8, dtype=torch.long)
     monkeypatch.setattr(dispatch, "grouped_mm_available", lambda device=None: True)

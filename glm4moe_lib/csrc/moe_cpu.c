@@ -82,11 +82,14 @@ int64_t moe_sort(const int64_t *ids, int64_t pairs, int64_t E, int64_t *offsets,
 /* yr[r] = down @ (silu(gate @ xr[r]) * (up @ xr[r])) for r < nr: one SwiGLU expert on nr <= RB
  * tokens. gate, up [I, H] and down [H, I] row-major; g holds RB rows of [2I], a RB rows of [I]. */
 static void swiglu_rows(const float *gate, const float *up, const float *down, int64_t H, int64_t I,
-                        const float *const *xr, int nr, float *const *yr, float *const *g, float *const *a) {
+                        const float *const *xr, int nr, float *const *yr, float *const *g, float *const *a,
+                        float *const *hr /* NULL, or where to keep each row's [gate, up] for the backward */) {
     float *u[RB];
     for (int r = 0; r < RB; r++) u[r] = g[r] + I; /* the up half of each [2I] row */
     rows_dot_n(gate, I, H, xr, nr, g);
     rows_dot_n(up, I, H, xr, nr, u);
+    if (hr)
+        for (int r = 0; r < nr; r++) memcpy(hr[r], g[r], (size_t)(2 * I) * sizeof(float));
     for (int r = 0; r < nr; r++)
         for (int64_t i = 0; i < I; i++) {
             const float gt = g[r][i];
@@ -103,10 +106,11 @@ static void split_scratch(float *scratch, int64_t I, float **g, float **a) {
 }
 
 /* y[p] = expert_e(x[p / K]) for every pair p of the experts e in [e0, e1).
- * gate_up [E, 2I, H] (gate rows first), down [E, H, I]; scratch holds RB * 3 * I floats. */
+ * gate_up [E, 2I, H] (gate rows first), down [E, H, I]; scratch holds RB * 3 * I floats;
+ * hsave: NULL, or [T*K, 2I] to keep each pair's gate and up pre-activations for moe_experts_bwd. */
 void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, int64_t e0, int64_t e1,
                  int64_t K, const float *gate_up, const float *down, int64_t H, int64_t I, float *y,
-                 float *scratch) {
+                 float *scratch, float *hsave) {
     float *g[RB], *a[RB];
     split_scratch(scratch, I, g, a);
     for (int64_t e = e0; e < e1; e++) {
@@ -114,12 +118,13 @@ void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, i
         for (int64_t p = offsets[e]; p < offsets[e + 1]; p += RB) {
             const int nr = (int)(offsets[e + 1] - p < RB ? offsets[e + 1] - p : RB);
             const float *xr[RB];
-            float *yr[RB];
+            float *yr[RB], *hr[RB];
             for (int r = 0; r < nr; r++) {
                 xr[r] = x + (order[p + r] / K) * H;
                 yr[r] = y + order[p + r] * H;
+                hr[r] = hsave ? hsave + order[p + r] * 2 * I : NULL;
             }
-            swiglu_rows(gu, gu + I * H, dn, H, I, xr, nr, yr, g, a);
+            swiglu_rows(gu, gu + I * H, dn, H, I, xr, nr, yr, g, a, hsave ? hr : NULL);
         }
     }
 }
@@ -138,7 +143,7 @@ void mlp_forward(const float *x, int64_t T, const float *gate, const float *up, 
             xr[r] = x + (t + r) * H;
             yr[r] = y + (t + r) * H;
         }
-        swiglu_rows(gate, up, down, H, I, xr, nr, yr, g, a);
+        swiglu_rows(gate, up, down, H, I, xr, nr, yr, g, a, NULL);
     }
 }
 
@@ -151,6 +156,145 @@ void moe_combine(const float *y, const float *w, int64_t t0, int64_t t1, int64_t
             const float wk = w[t * K + k];
             const float *yk = y + (t * K + k) * H;
             for (int64_t h = 0; h < H; h++) o[h] += wk * yk[h];
+        }
+    }
+}
+
+/* ---- backward -------------------------------------------------------------------------------- */
+
+/* One row j of an expert's down_proj, for NR pairs: y_r = row . a_r (for d w), da_r += dy_r[j] * row,
+ * and the row's gradient = sum_r dy_r[j] * a_r (written if first, else added). */
+static inline __attribute__((always_inline)) void down_row_bwd(const float *row, float *grow, int64_t n, const int NR,
+                                                               const float *const *a, float *const *da,
+                                                               const float *dyj, float *yj, int first) {
+    const int64_t n1 = n - n % VL;
+    vec acc[RB];
+    for (int r = 0; r < NR; r++) acc[r] = (vec){0};
+    for (int64_t i = 0; i < n1; i += VL) {
+        const vec wv = load(row + i);
+        vec gv = first ? (vec){0} : load(grow + i);
+        for (int r = 0; r < NR; r++) {
+            const vec av = load(a[r] + i);
+            acc[r] += wv * av;
+            *(vec_u *)(da[r] + i) = load(da[r] + i) + dyj[r] * wv;
+            gv += dyj[r] * av;
+        }
+        *(vec_u *)(grow + i) = gv;
+    }
+    for (int r = 0; r < NR; r++) yj[r] = hsum(acc[r]);
+    for (int64_t i = n1; i < n; i++) {
+        float gs = first ? 0.0f : grow[i];
+        for (int r = 0; r < NR; r++) {
+            yj[r] += row[i] * a[r][i];
+            da[r][i] += dyj[r] * row[i];
+            gs += dyj[r] * a[r][i];
+        }
+        grow[i] = gs;
+    }
+}
+
+/* One row i of an expert's gate_up_proj, for NR pairs: dx_r += dh_r[i] * row, and the row's
+ * gradient = sum_r dh_r[i] * x_r (written if first, else added). */
+static inline __attribute__((always_inline)) void gate_up_row_bwd(const float *row, float *grow, int64_t n, const int NR,
+                                                                  const float *const *x, float *const *dx,
+                                                                  const float *dhi, int first) {
+    const int64_t n1 = n - n % VL;
+    for (int64_t h = 0; h < n1; h += VL) {
+        const vec wv = load(row + h);
+        vec gv = first ? (vec){0} : load(grow + h);
+        for (int r = 0; r < NR; r++) {
+            *(vec_u *)(dx[r] + h) = load(dx[r] + h) + dhi[r] * wv;
+            gv += dhi[r] * load(x[r] + h);
+        }
+        *(vec_u *)(grow + h) = gv;
+    }
+    for (int64_t h = n1; h < n; h++) {
+        float gs = first ? 0.0f : grow[h];
+        for (int r = 0; r < NR; r++) {
+            dx[r][h] += dhi[r] * row[h];
+            gs += dhi[r] * x[r][h];
+        }
+        grow[h] = gs;
+    }
+}
+
+/* The two passes of one block of NR pairs of one expert (see moe_experts_bwd) */
+static inline __attribute__((always_inline)) void expert_block_bwd(
+    const float *gu, const float *dn, float *dgu, float *ddn, int64_t H, int64_t I, const int NR,
+    const float *const *xr, const float *const *gr, const float *wr, const float *const *hr,
+    float *const *dxr, float *dwr, float *const *a, float *const *da, float *const *dh, int first) {
+    for (int r = 0; r < NR; r++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = hr[r][i], s = 1.0f / (1.0f + expf(-g));
+            a[r][i] = g * s * hr[r][I + i];
+            da[r][i] = 0.0f;
+        }
+    float dw_acc[RB] = {0};
+    for (int64_t j = 0; j < H; j++) { /* one pass over down_proj [H, I] */
+        float dyj[RB], yj[RB];
+        for (int r = 0; r < NR; r++) dyj[r] = wr[r] * gr[r][j];
+        down_row_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dyj, yj, first);
+        for (int r = 0; r < NR; r++) dw_acc[r] += gr[r][j] * yj[r];
+    }
+    for (int r = 0; r < NR; r++) {
+        dwr[r] = dw_acc[r];
+        for (int64_t i = 0; i < I; i++) { /* through silu(gate) * up */
+            const float g = hr[r][i], u = hr[r][I + i], s = 1.0f / (1.0f + expf(-g));
+            dh[r][i] = da[r][i] * u * s * (1.0f + g * (1.0f - s));
+            dh[r][I + i] = da[r][i] * g * s;
+        }
+        for (int64_t h = 0; h < H; h++) dxr[r][h] = 0.0f;
+    }
+    for (int64_t i = 0; i < 2 * I; i++) { /* one pass over gate_up_proj [2I, H] */
+        float dhi[RB];
+        for (int r = 0; r < NR; r++) dhi[r] = dh[r][i];
+        gate_up_row_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dhi, first);
+    }
+}
+
+/* The backward of moe_experts + moe_combine for the experts e in [e0, e1), reading each touched
+ * expert's weights once more (the forward kept each pair's gate and up pre-activations in hsave
+ * [T*K, 2I]) and writing each expert's gradient once: zeros for the experts that got no token.
+ * In: grad = d out [T, H]; w [T*K] routing weights. Out: dx_slots [T*K, H] (pair p's part of
+ * d x[p / K]), dw [T*K], d_gate_up [E, 2I, H], d_down [E, H, I]. scratch: RB * 4 * I floats. */
+void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offsets, int64_t e0, int64_t e1,
+                     int64_t K, const float *w, const float *grad, const float *gate_up, const float *down,
+                     const float *hsave, int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up,
+                     float *d_down, float *scratch) {
+    float *a[RB], *da[RB], *dh[RB];
+    for (int r = 0; r < RB; r++) {
+        a[r] = scratch + r * I;
+        da[r] = scratch + RB * I + r * I;
+        dh[r] = scratch + 2 * RB * I + r * 2 * I;
+    }
+    for (int64_t e = e0; e < e1; e++) {
+        const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
+        float *dgu = d_gate_up + e * 2 * I * H, *ddn = d_down + e * H * I;
+        if (offsets[e + 1] == offsets[e]) { /* no token: a zero gradient, written once */
+            memset(dgu, 0, (size_t)(2 * I * H) * sizeof(float));
+            memset(ddn, 0, (size_t)(H * I) * sizeof(float));
+            continue;
+        }
+        for (int64_t p = offsets[e]; p < offsets[e + 1]; p += RB) {
+            const int nr = (int)(offsets[e + 1] - p < RB ? offsets[e + 1] - p : RB);
+            const float *xr[RB], *gr[RB], *hr[RB];
+            float wr[RB], *dxr[RB], dwr[RB];
+            for (int r = 0; r < nr; r++) {
+                const int64_t slot = order[p + r];
+                xr[r] = x + (slot / K) * H;
+                gr[r] = grad + (slot / K) * H;
+                hr[r] = hsave + slot * 2 * I;
+                wr[r] = w[slot];
+                dxr[r] = dx_slots + slot * H;
+            }
+            const int first = p == offsets[e];
+            switch (nr) { /* a constant row count: the per-pair values stay in registers */
+            case 1: expert_block_bwd(gu, dn, dgu, ddn, H, I, 1, xr, gr, wr, hr, dxr, dwr, a, da, dh, first); break;
+            case 2: expert_block_bwd(gu, dn, dgu, ddn, H, I, 2, xr, gr, wr, hr, dxr, dwr, a, da, dh, first); break;
+            case 3: expert_block_bwd(gu, dn, dgu, ddn, H, I, 3, xr, gr, wr, hr, dxr, dwr, a, da, dh, first); break;
+            default: expert_block_bwd(gu, dn, dgu, ddn, H, I, 4, xr, gr, wr, hr, dxr, dwr, a, da, dh, first); break;
+            }
+            for (int r = 0; r < nr; r++) dw[order[p + r]] = dwr[r];
         }
     }
 }
