@@ -15,10 +15,10 @@ and differs only in how the work is laid out:
 
 The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
 
-* ``fused_cpu`` (float32 on a CPU, inference, up to a few hundred tokens): the C kernel of
+* ``fused_cpu`` (float32 on a CPU, up to a few hundred tokens): the C kernel of
   :mod:`glm4moe_lib.cpu_kernel`: one call that sorts the pairs, reads each touched expert's weights
-  once for all its tokens, and sums the K slots. Built on first use; where it cannot be built
-  ``"auto"`` takes the torch strategies below.
+  once for all its tokens, and sums the K slots; its backward is one more pass over those weights.
+  Built on first use; where it cannot be built ``"auto"`` takes the torch strategies below.
 * ``gather_bmm`` (a token or two, on accelerators): copy the K chosen experts' weights of every token into one
   batch and run two ``torch.bmm`` calls: 2 kernels instead of 2·K small ones, no sort, no sync.
 * ``sorted_gather`` (under ``torch.compile`` on a CPU, up to a few hundred tokens): ``gather_bmm``
