@@ -2,7 +2,7 @@
 
 At a few tokens a CPU layer call should cost about one read of the K chosen experts' weights,
 yet a chain of torch ops pays per op (tens of µs each at T=1) and the BLAS runs its 1-to-4-row
-GEMMs far below memory speed. ``csrc/moe_cpu.c`` (about 150 lines of plain C) does the routed
+GEMMs far below memory speed. ``csrc/moe_cpu.c`` (a few hundred lines of plain C) does the routed
 experts in one call: a counting sort of the (token, slot) pairs by expert, then for each expert
 one pass over its rows of weights that serves up to four of its tokens at once, the SwiGLU in
 between, and the weighted sum of the K slots.
@@ -46,7 +46,7 @@ ENV_CACHE = "GLM4MOE_CACHE_DIR"
 #: tried in order: the first that builds is used (a compiler without -march=native gets plain -O3);
 #: -ffp-contract=fast lets a multiply and an add become one fused multiply-add
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"])
-#: floats of scratch per thread: RB=4 rows of [2I] + [I]
+#: RB in csrc/moe_cpu.c: the tokens that share one pass over an expert's weights (sizes the scratch)
 _ROWS_PER_PASS = 4
 #: with more than one torch thread, at least this many (token, slot) pairs per extra thread
 MIN_PAIRS_PER_THREAD = 64
@@ -55,6 +55,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None  # why the kernel is not available, once a load was tried
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # the process that made _pool
 
 
 def _cpu_autocast() -> bool:
@@ -117,7 +118,7 @@ def _build(compiler: str, target: Path) -> str | None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return f"{' '.join(cmd[:1])} could not build {SOURCE.name}: {complaint}"
+    return f"{compiler} could not build {SOURCE.name}: {complaint}"
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -229,12 +230,15 @@ def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
 def _parallel(work, offsets: Tensor, pairs: int, num_experts: int) -> None:
     """Run ``work(e0, e1)`` over all experts: in torch's thread count of expert ranges of about
     equal pair counts (ctypes releases the GIL, so the C code runs in parallel), or in one call."""
-    global _pool
+    global _pool, _pool_pid
     threads = min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
     if threads > 1:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
-        list(_pool.map(lambda r: work(*r), _chunks(offsets, pairs, threads)))
+        with _lock:
+            if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the threads
+                _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
+                _pool_pid = os.getpid()
+            pool = _pool
+        list(pool.map(lambda r: work(*r), _chunks(offsets, pairs, threads)))
     else:
         work(0, num_experts)
 

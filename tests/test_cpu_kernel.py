@@ -351,3 +351,28 @@ def test_backward_same_with_any_thread_count_and_only_the_asked_gradients():
     gx, gdn = torch.autograd.grad(out, (x, dn), g_out)
     torch.testing.assert_close(gx, one[0])
     torch.testing.assert_close(gdn, one[3])
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_threads_work_in_a_forked_child():
+    import multiprocessing as mp
+
+    x, idx, w, gu, dn = _problem(400, 16, 4, 64, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)  # the parent's thread pool exists now
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu_kernel._pool is not None
+    with mp.get_context("fork").Pool(1) as pool:  # the child must make its own pool
+        got = pool.apply_async(_fused_in_child, (x, idx, w, gu, dn)).get(timeout=60)
+    assert torch.equal(torch.tensor(got), expected)
+
+
+def _fused_in_child(x, idx, w, gu, dn):
+    # Not torch.set_num_threads(2): torch's own OpenMP pool hangs in a forked child of a process
+    # that used it (a libgomp limitation); the kernel's split only asks how many threads to use.
+    torch.get_num_threads = lambda: 2
+    return cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn).tolist()  # plain data back, not shared memory
