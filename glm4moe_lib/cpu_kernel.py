@@ -58,20 +58,8 @@ _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0  # the process that made _pool
 
 
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
 def _switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip() == "0"
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _cache_dir() -> Path:
@@ -130,7 +118,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     )
     lib.moe_experts_bwd.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, p, i64, i64, p, p, p, p, p]
     lib.moe_experts_bwd.restype = None
-    lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, i64, p], None
+    lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, p], None
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     return lib
 
@@ -192,7 +180,7 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
         )
         and act_fn is F.silu
         and _get_current_dispatch_mode() is None
-        and not _cpu_autocast()
+        and not torch.is_autocast_enabled("cpu")
         and (_lib is not None or load_kernel() is not None)
         and not _switched_off()
     ):
@@ -210,7 +198,7 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
             return f"{name} has dtype {t.dtype}: the fused kernel is float32 only"
     if act_fn is not F.silu:
         return f"act_fn={getattr(act_fn, '__name__', act_fn)!r}: the fused kernel implements SiLU only"
-    if _cpu_autocast():
+    if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on: the fused kernel computes in float32 only"
     return f"the fused CPU kernel is {kernel_status()}"
 
@@ -274,7 +262,7 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor, save:
         )  # fmt: skip
 
     _parallel(experts, offsets, pairs, num_experts)
-    lib.moe_combine(y.data_ptr(), w.data_ptr(), 0, tokens, top_k, hidden, out.data_ptr())
+    lib.moe_combine(y.data_ptr(), w.data_ptr(), tokens, top_k, hidden, out.data_ptr())
     return (out, (order, offsets, hsave)) if save else out
 
 
@@ -312,7 +300,7 @@ def mlp_applies(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, act_fn) -> bo
         x.dim() >= 1
         and x.numel() <= MLP_MAX_TOKENS * x.shape[-1]
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, down)))
-        and not _compiling()
+        and not torch.compiler.is_compiling()
         and unsupported(x, gate, down, act_fn) is None
         and up.dtype == torch.float32
     )

@@ -147,9 +147,9 @@ void mlp_forward(const float *x, int64_t T, const float *gate, const float *up, 
     }
 }
 
-/* out[t] = sum_k w[t, k] * y[t*K + k] for tokens t in [t0, t1), summed in slot order */
-void moe_combine(const float *y, const float *w, int64_t t0, int64_t t1, int64_t K, int64_t H, float *out) {
-    for (int64_t t = t0; t < t1; t++) {
+/* out[t] = sum_k w[t, k] * y[t*K + k] for the T tokens, summed in slot order */
+void moe_combine(const float *y, const float *w, int64_t T, int64_t K, int64_t H, float *out) {
+    for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
         for (int64_t h = 0; h < H; h++) o[h] = 0.0f;
         for (int64_t k = 0; k < K; k++) {
