@@ -118,7 +118,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     )
     lib.moe_experts_bwd.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, p, i64, i64, p, p, p, p, p]
     lib.moe_experts_bwd.restype = None
-    lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, p], None
+    lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, p, p], None
+    lib.moe_route.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, p, p, p, p]
+    lib.moe_route.restype = i64
+    lib.moe_layer.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, p, p, i64]
+    lib.moe_layer.argtypes += [p, p, p, i64, p, p, p, p, p, p]
+    lib.moe_layer.restype = i64
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     return lib
 
@@ -215,11 +220,16 @@ def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def _threads(pairs: int) -> int:
+    """How many threads :func:`_parallel` uses for ``pairs`` (token, expert) pairs."""
+    return min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
+
+
 def _parallel(work, offsets: Tensor, pairs: int, num_experts: int) -> None:
     """Run ``work(e0, e1)`` over all experts: in torch's thread count of expert ranges of about
     equal pair counts (ctypes releases the GIL, so the C code runs in parallel), or in one call."""
     global _pool, _pool_pid
-    threads = min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
+    threads = _threads(pairs)
     if threads > 1:
         with _lock:
             if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the threads
@@ -262,7 +272,7 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor, save:
         )  # fmt: skip
 
     _parallel(experts, offsets, pairs, num_experts)
-    lib.moe_combine(y.data_ptr(), w.data_ptr(), tokens, top_k, hidden, out.data_ptr())
+    lib.moe_combine(y.data_ptr(), w.data_ptr(), tokens, top_k, hidden, None, out.data_ptr())
     return (out, (order, offsets, hsave)) if save else out
 
 
@@ -322,6 +332,85 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
         rows.shape[1], inter, y.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
     return y.reshape(*shape[:-1], down.shape[0])
+
+
+def layer_forward(
+    x: Tensor,
+    router_weight: Tensor,
+    bias: Tensor | None,
+    gate_up: Tensor,
+    down: Tensor,
+    shared: tuple[Tensor, Tensor, Tensor] | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """A whole GLM-4.5 MoE layer (sigmoid router, routed experts, shared expert) for inference.
+
+    x [T, H] float32 on the CPU; router_weight [E, H]; bias [E] or None (selection only);
+    gate_up [E, 2I, H]; down [E, H, I]; shared: None or the shared expert's (gate [I_s, H],
+    up [I_s, H], down [H, I_s]). Returns ``(out [T, H], logits [T, E], scores [T, E],
+    topk_weights [T, K], topk_indices [T, K])``, the same as ``MoE.forward`` and its router, from a
+    few C calls instead of some twenty torch ops (at one token those ops cost more than reading
+    the weights). Returns None when two of a token's K+1 best choices tie (or one is not finite):
+    torch's topk decides ties its own way, so then the caller routes with torch.
+    The caller checks :func:`unsupported` first.
+    """
+    lib = _lib
+    x = x.contiguous()
+    tokens, hidden = x.shape
+    num_experts, inter = gate_up.shape[0], down.shape[2]
+    pairs = tokens * top_k
+    router_weight = router_weight.contiguous()  # kept in names: alive through the C calls
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    logits = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
+    scores = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)  # [T, K]
+    w = torch.empty(tokens, top_k, dtype=torch.float32)  # [T, K]
+    out = torch.empty(tokens, hidden, dtype=torch.float32)  # [T, H]
+    route = (
+        x.data_ptr(), tokens, hidden, router_weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        num_experts, top_k, n_group, topk_group, int(norm_topk_prob), routed_scaling_factor,
+    )  # fmt: skip
+    if _threads(pairs) == 1:  # one C call for everything: at a few tokens the calls cost as much as the work
+        shared = None if shared is None else tuple(t.contiguous() for t in shared)
+        sh = (
+            (None, None, None, 0) if shared is None else (*(t.data_ptr() for t in shared), shared[0].shape[0])
+        )
+        work = torch.empty(
+            2 * (num_experts + 1) + 2 * pairs + pairs * hidden + tokens * hidden
+            + _ROWS_PER_PASS * 3 * max(inter, sh[3]),
+            dtype=torch.float32,
+        )  # fmt: skip
+        tie = lib.moe_layer(
+            *route, gate_up.data_ptr(), down.data_ptr(), inter, *sh, logits.data_ptr(), scores.data_ptr(),
+            ids.data_ptr(), w.data_ptr(), out.data_ptr(), work.data_ptr(),
+        )  # fmt: skip
+        return None if tie else (out, logits, scores, w, ids)
+    if lib.moe_route(*route, logits.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr()):
+        return None  # a tie
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64)
+    order = torch.empty(pairs, dtype=torch.int64)
+    lib.moe_sort(ids.data_ptr(), pairs, num_experts, offsets.data_ptr(), order.data_ptr())
+    y = torch.empty(pairs, hidden, dtype=torch.float32)  # [T*K, H] unweighted, (token, slot) order
+
+    def experts(e0: int, e1: int) -> None:
+        scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
+        lib.moe_experts(
+            x.data_ptr(), order.data_ptr(), offsets.data_ptr(), e0, e1, top_k, gate_up.data_ptr(),
+            down.data_ptr(), hidden, inter, y.data_ptr(), scratch.data_ptr(), None,
+        )  # fmt: skip
+
+    _parallel(experts, offsets, pairs, num_experts)
+    shared_out = swiglu_mlp(x, *shared) if shared is not None else None  # [T, H]
+    lib.moe_combine(
+        y.data_ptr(), w.data_ptr(), tokens, top_k, hidden,
+        None if shared_out is None else shared_out.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out, logits, scores, w, ids
 
 
 class _FusedExperts(torch.autograd.Function):

@@ -425,6 +425,13 @@ FUSED_CPU_MAX_PAIRS_PER_EXPERT = 32
 FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT = 16
 
 
+def fused_cpu_pays(pairs: int, num_experts: int, inference: bool) -> bool:
+    """Whether "auto" takes ``fused_cpu`` for ``pairs`` (token, expert) pairs on a CPU (the kernel
+    supported): up to the thresholds above, per torch thread (counting at most 2)."""
+    per_expert = FUSED_CPU_MAX_PAIRS_PER_EXPERT if inference else FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT
+    return not _compiling() and pairs <= per_expert * min(torch.get_num_threads(), 2) * num_experts
+
+
 def choose_strategy(
     hidden_states: Tensor, top_k_index: Tensor, num_experts: int, act_fn: ActFn | None = None
 ) -> str:
@@ -460,10 +467,8 @@ def choose_strategy(
     small = pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts
     if device.type == "cpu":
         inference = not torch.is_grad_enabled()
-        fused_max = FUSED_CPU_MAX_PAIRS_PER_EXPERT if inference else FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT
         if (
-            not _compiling()
-            and pairs <= fused_max * min(torch.get_num_threads(), 2) * num_experts
+            fused_cpu_pays(pairs, num_experts, inference)
             and cpu_kernel.unsupported(hidden_states, hidden_states, hidden_states, act_fn or F.silu) is None
         ):
             return "fused_cpu"

@@ -9,11 +9,22 @@ with ``moe.load_state_dict(hf_moe.state_dict())`` and gives the same outputs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
+from . import cpu_kernel
 from .config import MoEConfig
+from .dispatch import fused_cpu_pays
 from .experts import MLP, Experts
 from .router import RouterOutput, TopkRouter
+
+
+def _plain_call(module: nn.Module | None) -> bool:
+    """Whether calling ``module`` runs just its class's forward: no hooks, nothing patched in."""
+    return module is None or not (
+        module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+    )
 
 
 class MoE(nn.Module):
@@ -64,13 +75,64 @@ class MoE(nn.Module):
         self._check_input(hidden_states)
         orig_shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
-        routing = self.gate(x)
-        # the router's ids lie in [0, E) by construction: no range check (no host sync on GPUs)
-        out = self.experts(x, routing.topk_indices, routing.topk_weights, check_ids=False)  # [T, H]
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        fused = self._fused_cpu_forward(x) if x.is_cpu and not torch.is_grad_enabled() else None
+        if fused is not None:
+            out, routing = fused
+        else:
+            routing = self.gate(x)
+            # the router's ids lie in [0, E) by construction: no range check (no host sync on GPUs)
+            out = self.experts(x, routing.topk_indices, routing.topk_weights, check_ids=False)  # [T, H]
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x)
         out = out.reshape(orig_shape)
         return (out, routing) if return_routing else out
+
+    def _fused_cpu_forward(self, x: Tensor) -> tuple[Tensor, RouterOutput] | None:
+        """The whole layer through the C kernel (router, experts, shared expert, combine) for
+        float32 CPU inference where the experts would take ``fused_cpu`` anyway: the same math in
+        a few C calls instead of some twenty torch ops, which at a token or two cost more than
+        reading the weights. None where it does not apply (then the modules run as usual):
+        softmax scoring, hooks on the submodules, a subclass, no kernel, or a tie in the routing."""
+        c, gate, experts, shared = self.config, self.gate, self.experts, self.shared_experts
+        shared_weights = (
+            ()
+            if shared is None
+            else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+        )
+        pairs = x.shape[0] * c.num_experts_per_tok
+        if not (
+            c.scoring_func == "sigmoid"
+            and c.hidden_act == "silu"
+            and (
+                c.dispatch == "fused_cpu"
+                or (c.dispatch == "auto" and fused_cpu_pays(pairs, c.n_routed_experts, True))
+            )
+            and type(gate) is TopkRouter
+            and type(experts) is Experts
+            and (shared is None or (type(shared) is MLP and shared.act_fn is F.silu))
+            and all(map(_plain_call, (gate, experts, shared)))
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+            and all(w.is_cpu and w.dtype is torch.float32 for w in (gate.weight, *shared_weights))
+            and cpu_kernel.unsupported(x, experts.gate_up_proj, experts.down_proj) is None
+        ):
+            return None
+        done = cpu_kernel.layer_forward(
+            x,
+            gate.weight,
+            gate.e_score_correction_bias,
+            experts.gate_up_proj,
+            experts.down_proj,
+            shared_weights or None,
+            c.num_experts_per_tok,
+            c.n_group,
+            c.topk_group,
+            c.norm_topk_prob,
+            c.routed_scaling_factor,
+        )
+        if done is None:  # a tie: torch's topk decides it
+            return None
+        out, logits, scores, weights, indices = done
+        return out, RouterOutput(logits, scores, weights, indices)
 
     @classmethod
     def from_hf(cls, hf_moe: nn.Module) -> MoE:

@@ -147,8 +147,9 @@ void mlp_forward(const float *x, int64_t T, const float *gate, const float *up, 
     }
 }
 
-/* out[t] = sum_k w[t, k] * y[t*K + k] for the T tokens, summed in slot order */
-void moe_combine(const float *y, const float *w, int64_t T, int64_t K, int64_t H, float *out) {
+/* out[t] = sum_k w[t, k] * y[t*K + k] for the T tokens, summed in slot order, then + add[t]
+ * (add: NULL, or [T, H], e.g. the shared expert's output) */
+void moe_combine(const float *y, const float *w, int64_t T, int64_t K, int64_t H, const float *add, float *out) {
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
         for (int64_t h = 0; h < H; h++) o[h] = 0.0f;
@@ -157,7 +158,95 @@ void moe_combine(const float *y, const float *w, int64_t T, int64_t K, int64_t H
             const float *yk = y + (t * K + k) * H;
             for (int64_t h = 0; h < H; h++) o[h] += wk * yk[h];
         }
+        if (add)
+            for (int64_t h = 0; h < H; h++) o[h] += add[t * H + h];
     }
+}
+
+/* ---- the router (inference) ------------------------------------------------------------------ */
+
+/* Insert (v, i) into the n best so far, kept in descending order in bv/bi (capacity cap):
+ * strictly greater values go first, so equal values end up next to each other. */
+static void keep_best(float v, int64_t i, float *bv, int64_t *bi, int64_t *n, int64_t cap) {
+    if (*n == cap && !(v > bv[cap - 1])) return;
+    int64_t j = *n < cap ? (*n)++ : cap - 1;
+    while (j > 0 && v > bv[j - 1]) {
+        bv[j] = bv[j - 1];
+        bi[j] = bi[j - 1];
+        j--;
+    }
+    bv[j] = v;
+    bi[j] = i;
+}
+
+/* The GLM-4.5 router (sigmoid scores) as glm4moe_lib.router.TopkRouter, for T tokens:
+ *     logits = x @ weight.T [T, E];  scores = sigmoid(logits);  choice = scores + bias
+ *     keep the topk_group groups whose two best choices sum highest (n_group > 1);
+ *     idx = the K best choices, in descending order;  w = scores[idx] (/ their sum), * scale
+ * A tie decides nothing here: if two of the K+1 best choices (or two group scores at the
+ * boundary) are equal, or a choice is not finite, it returns 1 + t for the first such token t
+ * and the caller routes with torch instead (whose topk breaks ties its own way). Else 0.
+ * scratch: 2 * E + 2 * (K + 1) floats/ints worth of room (see the caller). */
+int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weight, const float *bias, int64_t E,
+                  int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, float *logits,
+                  float *scores, int64_t *idx, float *w) {
+    for (int64_t t = 0; t < T; t += RB) { /* logits: one pass over the router's rows per RB tokens */
+        const int nr = (int)(T - t < RB ? T - t : RB);
+        const float *xr[RB];
+        float *lr[RB];
+        for (int r = 0; r < nr; r++) {
+            xr[r] = x + (t + r) * H;
+            lr[r] = logits + (t + r) * E;
+        }
+        rows_dot_n(weight, E, H, xr, nr, lr);
+    }
+    const int grouped = n_group > 1 && topk_group < n_group;
+    const int64_t per_group = E / n_group;
+    float bv[K + 1], gv[n_group + 1], g2[2];
+    int64_t bi[K + 1], gi[n_group + 1], g2i[2];
+    unsigned char allowed[n_group];
+    for (int64_t t = 0; t < T; t++) {
+        const float *l = logits + t * E;
+        float *s = scores + t * E;
+        for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-l[e]));
+        for (int64_t g = 0; g < n_group; g++) allowed[g] = 1;
+        if (grouped) { /* a group's score: its two best choices; keep the topk_group best groups */
+            int64_t ng = 0;
+            for (int64_t g = 0; g < n_group; g++) {
+                int64_t n2 = 0;
+                for (int64_t e = g * per_group; e < (g + 1) * per_group; e++) {
+                    const float c = s[e] + (bias ? bias[e] : 0.0f);
+                    if (!isfinite(c)) return 1 + t;
+                    keep_best(c, e, g2, g2i, &n2, 2);
+                }
+                keep_best(g2[0] + g2[1], g, gv, gi, &ng, topk_group + 1);
+            }
+            for (int64_t j = 0; j + 1 < ng; j++)
+                if (gv[j] == gv[j + 1]) return 1 + t;
+            for (int64_t g = 0; g < n_group; g++) allowed[g] = 0;
+            for (int64_t j = 0; j < topk_group; j++) allowed[gi[j]] = 1;
+        }
+        int64_t n = 0;
+        for (int64_t e = 0; e < E; e++) {
+            if (!allowed[e / per_group]) continue;
+            const float c = s[e] + (bias ? bias[e] : 0.0f);
+            if (!isfinite(c)) return 1 + t;
+            keep_best(c, e, bv, bi, &n, K + 1);
+        }
+        for (int64_t j = 0; j + 1 < n; j++)
+            if (bv[j] == bv[j + 1]) return 1 + t;
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            idx[t * K + k] = bi[k];
+            w[t * K + k] = s[bi[k]];
+            sum += s[bi[k]];
+        }
+        for (int64_t k = 0; k < K; k++) {
+            if (norm) w[t * K + k] = w[t * K + k] / (sum + 1e-20f);
+            w[t * K + k] *= scale;
+        }
+    }
+    return 0;
 }
 
 /* ---- backward -------------------------------------------------------------------------------- */
@@ -297,4 +386,27 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
             for (int r = 0; r < nr; r++) dw[order[p + r]] = dwr[r];
         }
     }
+}
+
+/* ---- the whole layer (inference, one thread) -------------------------------------------------- */
+
+/* moe_route, moe_sort, moe_experts, the shared expert and moe_combine in one call, for a few
+ * tokens where each call from Python costs about as much as the work itself.
+ * shared: sh_gate, sh_up [Is, H] and sh_down [H, Is], or NULL (Is ignored).
+ * work: at least 2 * (E + 1) + 2 * T * K + T * K * H + T * H + RB * 3 * max(I, Is) floats.
+ * Returns what moe_route returns (1 + t for a tie: nothing else is done), else 0. */
+int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
+                  int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
+                  const float *down, int64_t I, const float *sh_gate, const float *sh_up, const float *sh_down,
+                  int64_t Is, float *logits, float *scores, int64_t *ids, float *w, float *out, float *work) {
+    const int64_t tie =
+        moe_route(x, T, H, router_w, bias, E, K, n_group, topk_group, norm, scale, logits, scores, ids, w);
+    if (tie) return tie;
+    int64_t *offsets = (int64_t *)work, *order = offsets + (E + 1);
+    float *y = (float *)(order + T * K), *shared = y + T * K * H, *scratch = shared + T * H;
+    moe_sort(ids, T * K, E, offsets, order);
+    moe_experts(x, order, offsets, 0, E, K, gate_up, down, H, I, y, scratch, NULL);
+    if (sh_gate) mlp_forward(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch);
+    moe_combine(y, w, T, K, H, sh_gate ? shared : NULL, out);
+    return 0;
 }

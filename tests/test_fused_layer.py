@@ -1,0 +1,206 @@
+"""The whole MoE layer through the C kernel (``MoE._fused_cpu_forward``): float32 CPU inference
+at small batches runs the router, the experts, the shared expert and the combine in C. It must
+give what the modules give (and transformers' layer), route exactly as torch does, hand ties back
+to torch, and stand aside wherever the modules must run (gradients, hooks, softmax, other sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+from glm4moe_lib import MoE, MoEConfig, cpu_kernel, preset
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernel.load_kernel() is None, reason=f"fused CPU kernel {cpu_kernel.kernel_status()}"
+)
+
+CONFIGS = {
+    "plain": dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4),
+    "grouped": dict(
+        hidden_size=40,
+        moe_intermediate_size=24,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+    ),  # fmt: skip
+    "unnormalised-no-shared": dict(
+        hidden_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        n_shared_experts=0,
+        routed_scaling_factor=1.7,
+    ),  # fmt: skip
+    "top-1": dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=1),
+}
+
+
+def _layers(cfg: MoEConfig, seed: int = 0) -> tuple[MoE, Glm4MoeMoE]:
+    torch.manual_seed(seed)
+    hf = Glm4MoeMoE(cfg.to_hf())
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(std=0.3)
+        hf.gate.e_score_correction_bias.normal_(std=0.1)  # a selection bias that changes choices
+    moe = MoE(cfg).eval()
+    ours = moe.state_dict()  # without shared experts, transformers keeps zero-width ones
+    moe.load_state_dict({k: v for k, v in hf.state_dict().items() if k in ours})
+    return moe, hf
+
+
+def _modules_path(moe: MoE, x: torch.Tensor):
+    """The layer as its modules compute it (torch router), for comparison."""
+    routing = moe.gate(x)
+    out = moe.experts(x, routing.topk_indices, routing.topk_weights)
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out, routing
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the layer's trips through cpu_kernel.layer_forward (and what they returned)."""
+    seen: list[bool] = []
+    real = cpu_kernel.layer_forward
+
+    def spy(*args, **kwargs):
+        done = real(*args, **kwargs)
+        seen.append(done is not None)
+        return done
+
+    monkeypatch.setattr(cpu_kernel, "layer_forward", spy)
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
+@pytest.mark.parametrize("tokens", [1, 5, 37])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_the_modules_and_transformers(name, tokens, calls):
+    moe, hf = _layers(MoEConfig(**CONFIGS[name]))
+    x = torch.randn(tokens, moe.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        out, routing = moe(x, return_routing=True)
+        ref, ref_routing = _modules_path(moe, x)
+        y_hf = hf(x.unsqueeze(0)).squeeze(0)
+        _, hf_weights, hf_idx = hf.gate(x)
+    assert calls == [True], "the fused layer did not run"
+    assert torch.equal(routing.topk_indices, ref_routing.topk_indices)  # the same experts, same order
+    torch.testing.assert_close(routing.logits, ref_routing.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(routing.scores, ref_routing.scores, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(routing.topk_weights, ref_routing.topk_weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, y_hf, rtol=1e-5, atol=1e-5)
+    assert torch.equal(routing.topk_indices.sort(-1).values, hf_idx.sort(-1).values)
+    torch.testing.assert_close(routing.topk_weights.gather(1, routing.topk_indices.argsort(-1)),
+                               hf_weights.gather(1, hf_idx.argsort(-1)), rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
+def test_bench_layer_and_leading_dimensions(calls):
+    moe = MoE(preset("bench")).eval()
+    x = torch.randn(2, 3, 512)
+    with torch.no_grad():
+        out = moe(x)
+        ref, _ = _modules_path(moe, x.reshape(-1, 512))
+    assert calls == [True] and out.shape == x.shape
+    torch.testing.assert_close(out.reshape(-1, 512), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_one_call_and_threaded_paths_agree_bitwise(calls):
+    moe, _ = _layers(MoEConfig(**CONFIGS["grouped"], dispatch="fused_cpu"))  # at any size
+    x = torch.randn(300, 40)  # 1200 pairs: 2 threads split the experts
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            assert cpu_kernel._threads(1200) == 1
+            one = moe(x)
+            torch.set_num_threads(2)
+            assert cpu_kernel._threads(1200) == 2
+            two = moe(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [True, True]
+    assert torch.equal(one, two)  # each pair computed alone, the slots summed in one order
+
+
+def test_ties_are_left_to_torch(calls):
+    moe, _ = _layers(MoEConfig(**CONFIGS["plain"]))
+    x = torch.zeros(3, 64)  # every logit 0: every score 0.5, and the bias alone cannot break all ties
+    moe.gate.e_score_correction_bias.zero_()
+    with torch.no_grad():
+        out, routing = moe(x, return_routing=True)
+        ref, ref_routing = _modules_path(moe, x)
+    assert calls == [False], "a tie must hand the routing back to torch"
+    assert torch.equal(out, ref) and torch.equal(routing.topk_indices, ref_routing.topk_indices)
+
+
+def test_group_ties_and_nan_are_left_to_torch():
+    cfg = MoEConfig(**CONFIGS["grouped"])
+    moe, _ = _layers(cfg)
+    gate = moe.gate
+    args = (moe.experts.gate_up_proj, moe.experts.down_proj, None, 4, 4, 2, True, 2.5)
+    x = torch.randn(2, 40)
+    assert cpu_kernel.layer_forward(x, gate.weight, gate.e_score_correction_bias, *args) is not None
+    # groups 1 and 2 copy group 0 (rows permuted): three equal group scores for two places
+    w, b = gate.weight.detach().clone(), gate.e_score_correction_bias.clone()
+    for g, perm in ((1, [3, 2, 1, 0]), (2, [1, 0, 3, 2])):
+        w[4 * g : 4 * g + 4], b[4 * g : 4 * g + 4] = w[0:4][perm], b[0:4][perm]
+    b[12:] = -10.0  # group 3 loses
+    assert cpu_kernel.layer_forward(x, w, b, *args) is None
+    x_nan = x.clone()
+    x_nan[1, 3] = float("nan")
+    assert cpu_kernel.layer_forward(x_nan, gate.weight, gate.e_score_correction_bias, *args) is None
+    with torch.no_grad():
+        out = moe(x_nan)  # torch routes it: NaN in, NaN out for that token, the other token fine
+    assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+def test_router_in_c_equals_torch_on_many_tokens():
+    """Many random tokens with a strong bias: the C router picks what torch's topk picks."""
+    for name in ("plain", "grouped"):
+        moe, _ = _layers(MoEConfig(**CONFIGS[name]), seed=3)
+        with torch.no_grad():
+            moe.gate.e_score_correction_bias.normal_(std=0.5)
+            x = torch.randn(2000, moe.config.hidden_size)
+            _, routing = moe(x[:100], return_routing=True)  # through the kernel
+            c = moe.config
+            done = cpu_kernel.layer_forward(
+                x, moe.gate.weight, moe.gate.e_score_correction_bias, moe.experts.gate_up_proj,
+                moe.experts.down_proj, None, c.num_experts_per_tok, c.n_group, c.topk_group,
+                c.norm_topk_prob, c.routed_scaling_factor,
+            )  # fmt: skip
+            ref = moe.gate(x)
+        assert done is not None
+        assert torch.equal(done[4], ref.topk_indices), name
+        torch.testing.assert_close(done[3], ref.topk_weights, rtol=1e-6, atol=1e-7)
+        assert torch.equal(routing.topk_indices, ref.topk_indices[:100])
+
+
+def test_only_where_it_applies(calls):
+    moe, _ = _layers(MoEConfig(**CONFIGS["plain"]))
+    x = torch.randn(4, 64)
+    out = moe(x)  # gradients on: the modules run (autograd through the experts' own kernel)
+    assert calls == [] and out.grad_fn is not None
+    with torch.no_grad():
+        seen = []
+        handle = moe.gate.register_forward_hook(lambda mod, inp, res: seen.append(res.topk_indices))
+        moe(x)
+        handle.remove()
+        assert calls == [] and len(seen) == 1, "a hook on the router must see the router run"
+        moe.config = moe.config.replace(dispatch="sorted")  # a strategy asked for by name
+        moe(x)
+        assert calls == []
+        moe.config = moe.config.replace(dispatch="auto")
+        moe(torch.randn(4096, 64))  # past the kernel's share of "auto": the torch strategies
+        assert calls == []
+        moe(x)
+        assert calls == [True]
+        soft = MoE(MoEConfig(**CONFIGS["plain"], scoring_func="softmax")).eval()
+        soft(x)
+        assert calls == [True], "softmax scoring is routed by torch"
+        moe.to(torch.bfloat16)(x.bfloat16())
+        assert calls == [True], "bfloat16 runs the torch strategies"
