@@ -16,7 +16,13 @@ and asking for ``strategy="fused_cpu"`` says why it cannot run. float32 and SiLU
 With gradients the forward also keeps each pair's gate and up pre-activations, and the backward
 (``moe_experts_bwd``) makes one more pass over each touched expert's weights: the input, routing
 weight and weight gradients, each expert's gradient written once (zeros for untouched experts,
-as PyTorch's dense ``.grad`` needs).
+as PyTorch's dense ``.grad`` needs) with streaming stores, which skip reading each line first.
+
+For inference ``MoE.forward`` goes further with :func:`layer_forward`: the router (logits,
+sigmoid, selection bias, group-limited top-k, weights), the routed experts, the shared expert and
+the combine in C, in one call on one thread. At one token the twenty-odd torch ops it replaces
+cost more than reading the weights. A tie among a token's best choices goes back to torch, so
+the experts chosen are always the ones torch's ``topk`` would choose.
 """
 
 from __future__ import annotations
@@ -119,8 +125,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_experts_bwd.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, p, i64, i64, p, p, p, p, p]
     lib.moe_experts_bwd.restype = None
     lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, p, p], None
-    lib.moe_route.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, p, p, p, p]
-    lib.moe_route.restype = i64
     lib.moe_layer.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, p, p, i64]
     lib.moe_layer.argtypes += [p, p, p, i64, p, p, p, p, p, p]
     lib.moe_layer.restype = i64
@@ -334,6 +338,18 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return y.reshape(*shape[:-1], down.shape[0])
 
 
+#: :func:`layer_forward` (the whole layer in one C call) runs up to this many tokens: beyond, the
+#: BLAS runs the router's and the shared expert's GEMMs faster than the kernel's 4-token passes
+#: (measured at the bench size, 1 thread: the C router and shared expert are 1.5x faster at T=1,
+#: level at T=16, 1.6x and 1.8x slower at T=64 and 256)
+LAYER_MAX_TOKENS = 8
+
+
+def layer_applies(tokens: int, top_k: int) -> bool:
+    """Whether :func:`layer_forward` should run a call on ``tokens`` tokens (inference)."""
+    return tokens <= LAYER_MAX_TOKENS and _threads(tokens * top_k) == 1
+
+
 def layer_forward(
     x: Tensor,
     router_weight: Tensor,
@@ -352,65 +368,39 @@ def layer_forward(
     x [T, H] float32 on the CPU; router_weight [E, H]; bias [E] or None (selection only);
     gate_up [E, 2I, H]; down [E, H, I]; shared: None or the shared expert's (gate [I_s, H],
     up [I_s, H], down [H, I_s]). Returns ``(out [T, H], logits [T, E], scores [T, E],
-    topk_weights [T, K], topk_indices [T, K])``, the same as ``MoE.forward`` and its router, from a
-    few C calls instead of some twenty torch ops (at one token those ops cost more than reading
-    the weights). Returns None when two of a token's K+1 best choices tie (or one is not finite):
-    torch's topk decides ties its own way, so then the caller routes with torch.
-    The caller checks :func:`unsupported` first.
+    topk_weights [T, K], topk_indices [T, K])``, the same as ``MoE.forward`` and its router, from
+    one C call on one thread instead of some twenty torch ops (at one token those ops cost more
+    than reading the weights). Returns None when two of a token's K+1 best choices tie (or one is
+    not finite): torch's topk decides ties its own way, so then the caller routes with torch.
+    The caller checks :func:`unsupported` first (and :func:`layer_applies` for the speed).
     """
-    lib = _lib
     x = x.contiguous()
     tokens, hidden = x.shape
     num_experts, inter = gate_up.shape[0], down.shape[2]
     pairs = tokens * top_k
-    router_weight = router_weight.contiguous()  # kept in names: alive through the C calls
+    # kept in names: each must stay alive through the C call
+    router_weight, gate_up, down = router_weight.contiguous(), gate_up.contiguous(), down.contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
-    gate_up, down = gate_up.contiguous(), down.contiguous()
+    shared = None if shared is None else tuple(t.contiguous() for t in shared)
+    inter_shared = 0 if shared is None else shared[0].shape[0]
     logits = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
     scores = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
     ids = torch.empty(tokens, top_k, dtype=torch.int64)  # [T, K]
     w = torch.empty(tokens, top_k, dtype=torch.float32)  # [T, K]
     out = torch.empty(tokens, hidden, dtype=torch.float32)  # [T, H]
-    route = (
+    work = torch.empty(  # offsets, order (int64), the [T*K, H] slots, the shared output, scratch
+        2 * (num_experts + 1) + 2 * pairs + pairs * hidden + tokens * hidden
+        + _ROWS_PER_PASS * 3 * max(inter, inter_shared),
+        dtype=torch.float32,
+    )  # fmt: skip
+    tie = _lib.moe_layer(
         x.data_ptr(), tokens, hidden, router_weight.data_ptr(), None if bias is None else bias.data_ptr(),
         num_experts, top_k, n_group, topk_group, int(norm_topk_prob), routed_scaling_factor,
+        gate_up.data_ptr(), down.data_ptr(), inter,
+        *((None, None, None) if shared is None else (t.data_ptr() for t in shared)), inter_shared,
+        logits.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr(), work.data_ptr(),
     )  # fmt: skip
-    if _threads(pairs) == 1:  # one C call for everything: at a few tokens the calls cost as much as the work
-        shared = None if shared is None else tuple(t.contiguous() for t in shared)
-        sh = (
-            (None, None, None, 0) if shared is None else (*(t.data_ptr() for t in shared), shared[0].shape[0])
-        )
-        work = torch.empty(
-            2 * (num_experts + 1) + 2 * pairs + pairs * hidden + tokens * hidden
-            + _ROWS_PER_PASS * 3 * max(inter, sh[3]),
-            dtype=torch.float32,
-        )  # fmt: skip
-        tie = lib.moe_layer(
-            *route, gate_up.data_ptr(), down.data_ptr(), inter, *sh, logits.data_ptr(), scores.data_ptr(),
-            ids.data_ptr(), w.data_ptr(), out.data_ptr(), work.data_ptr(),
-        )  # fmt: skip
-        return None if tie else (out, logits, scores, w, ids)
-    if lib.moe_route(*route, logits.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr()):
-        return None  # a tie
-    offsets = torch.empty(num_experts + 1, dtype=torch.int64)
-    order = torch.empty(pairs, dtype=torch.int64)
-    lib.moe_sort(ids.data_ptr(), pairs, num_experts, offsets.data_ptr(), order.data_ptr())
-    y = torch.empty(pairs, hidden, dtype=torch.float32)  # [T*K, H] unweighted, (token, slot) order
-
-    def experts(e0: int, e1: int) -> None:
-        scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
-        lib.moe_experts(
-            x.data_ptr(), order.data_ptr(), offsets.data_ptr(), e0, e1, top_k, gate_up.data_ptr(),
-            down.data_ptr(), hidden, inter, y.data_ptr(), scratch.data_ptr(), None,
-        )  # fmt: skip
-
-    _parallel(experts, offsets, pairs, num_experts)
-    shared_out = swiglu_mlp(x, *shared) if shared is not None else None  # [T, H]
-    lib.moe_combine(
-        y.data_ptr(), w.data_ptr(), tokens, top_k, hidden,
-        None if shared_out is None else shared_out.data_ptr(), out.data_ptr(),
-    )  # fmt: skip
-    return out, logits, scores, w, ids
+    return None if tie else (out, logits, scores, w, ids)
 
 
 class _FusedExperts(torch.autograd.Function):

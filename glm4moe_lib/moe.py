@@ -15,7 +15,6 @@ from torch.nn.modules import module as _module
 
 from . import cpu_kernel
 from .config import MoEConfig
-from .dispatch import fused_cpu_pays
 from .experts import MLP, Experts
 from .router import RouterOutput, TopkRouter
 
@@ -88,25 +87,24 @@ class MoE(nn.Module):
         return (out, routing) if return_routing else out
 
     def _fused_cpu_forward(self, x: Tensor) -> tuple[Tensor, RouterOutput] | None:
-        """The whole layer through the C kernel (router, experts, shared expert, combine) for
-        float32 CPU inference where the experts would take ``fused_cpu`` anyway: the same math in
-        a few C calls instead of some twenty torch ops, which at a token or two cost more than
-        reading the weights. None where it does not apply (then the modules run as usual):
-        softmax scoring, hooks on the submodules, a subclass, no kernel, or a tie in the routing."""
+        """The whole layer in one C call (router, experts, shared expert, combine) for float32
+        CPU inference on a few tokens (``cpu_kernel.LAYER_MAX_TOKENS``), where the experts take
+        ``fused_cpu`` anyway: the same math instead of some twenty torch ops, which at a token or
+        two cost more than reading the weights. None where it does not apply (then the modules run
+        as usual): more tokens, softmax scoring, hooks on the submodules, a subclass, no kernel, or
+        a tie in the routing."""
         c, gate, experts, shared = self.config, self.gate, self.experts, self.shared_experts
         shared_weights = (
             ()
             if shared is None
             else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
         )
-        pairs = x.shape[0] * c.num_experts_per_tok
         if not (
             c.scoring_func == "sigmoid"
             and c.hidden_act == "silu"
-            and (
-                c.dispatch == "fused_cpu"
-                or (c.dispatch == "auto" and fused_cpu_pays(pairs, c.n_routed_experts, True))
-            )
+            and c.dispatch in ("auto", "fused_cpu")
+            and cpu_kernel.layer_applies(x.shape[0], c.num_experts_per_tok)
+            and not torch.compiler.is_compiling()
             and type(gate) is TopkRouter
             and type(experts) is Experts
             and (shared is None or (type(shared) is MLP and shared.act_fn is F.silu))
