@@ -321,7 +321,15 @@ def test_flop_counters_and_transforms_see_the_torch_ops():
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", [(300, 8, 2, 96, 48, True), (64, 128, 8, 512, 128, False)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (300, 8, 2, 96, 48, True),
+        (64, 128, 8, 512, 128, False),
+        (90, 6, 3, 42, 13, True),  # H and 2I not multiples of the 4-row blocks: the leftover rows
+    ],
+    ids=str,
+)
 def test_backward_kernel_equals_dense_reference_on_bigger_batches(case):
     x, idx, w, gu, dn = _problem(*case, grad=True)
     g_out = torch.randn_like(x)
