@@ -25,7 +25,6 @@ typedef float vec __attribute__((vector_size(64)));                /* 16 floats 
 typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, at any float address */
 #define VL 16    /* floats per vec */
 #define RB 4     /* token rows that share one pass over an expert's weights */
-#define JB 4     /* weight rows that share one load and store of a token's dx (backward) */
 
 static inline vec load(const float *p) { return *(const vec_u *)p; }
 
@@ -291,100 +290,68 @@ static void zero_stream(float *p, int64_t n) {
     for (; i < n; i++) p[i] = 0.0f;
 }
 
-/* JR rows j0.. of an expert's down_proj [., n], for NR pairs: y_r[j] = row_j . a_r (for d w),
- * da_r += dy_r[j] * row_j for each row in order, and each row's gradient = sum_r dy_r[j] * a_r
- * (written if first, else added). Blocked over JR rows as gate_up_rows_bwd: da_r and a_r are
- * loaded once per 16 floats for the JR rows. dy[j][r] in, y[j][r] out. */
-static inline __attribute__((always_inline)) void down_rows_bwd(const float *rows, float *grows, int64_t n,
-                                                                const int NR, const int JR,
-                                                                const float *const *a, float *const *da,
-                                                                float dy[JB][RB], float y[JB][RB], int first,
-                                                                int last) {
+/* One row j of an expert's down_proj, for NR pairs: y_r = row . a_r (for d w), da_r += dy_r[j] * row,
+ * and the row's gradient = sum_r dy_r[j] * a_r (written if first, else added). */
+static inline __attribute__((always_inline)) void down_row_bwd(const float *row, float *grow, int64_t n, const int NR,
+                                                               const float *const *a, float *const *da,
+                                                               const float *dyj, float *yj, int first, int last) {
     const int64_t n1 = n - n % VL;
-    int stream = last; /* the rows' final values: stream them out */
-    for (int j = 0; j < JR; j++) stream = stream && streamable(grows + j * n);
-    vec acc[JB][RB];
-    for (int j = 0; j < JR; j++)
-        for (int r = 0; r < NR; r++) acc[j][r] = (vec){0};
+    const int stream = last && streamable(grow); /* the row's final value: stream it out */
+    vec acc[RB];
+    for (int r = 0; r < NR; r++) acc[r] = (vec){0};
     for (int64_t i = 0; i < n1; i += VL) {
-        vec av[RB], dav[RB];
+        const vec wv = load(row + i);
+        vec gv = first ? (vec){0} : load(grow + i);
         for (int r = 0; r < NR; r++) {
-            av[r] = load(a[r] + i);
-            dav[r] = load(da[r] + i);
+            const vec av = load(a[r] + i);
+            acc[r] += wv * av;
+            *(vec_u *)(da[r] + i) = load(da[r] + i) + dyj[r] * wv;
+            gv += dyj[r] * av;
         }
-        for (int j = 0; j < JR; j++) {
-            const vec wv = load(rows + j * n + i);
-            vec gv = first ? (vec){0} : load(grows + j * n + i);
-            for (int r = 0; r < NR; r++) {
-                acc[j][r] += wv * av[r];
-                dav[r] += dy[j][r] * wv;
-                gv += dy[j][r] * av[r];
-            }
-            if (stream)
-                store_stream(grows + j * n + i, gv);
-            else
-                *(vec_u *)(grows + j * n + i) = gv;
-        }
-        for (int r = 0; r < NR; r++) *(vec_u *)(da[r] + i) = dav[r];
+        if (stream)
+            store_stream(grow + i, gv);
+        else
+            *(vec_u *)(grow + i) = gv;
     }
-    for (int j = 0; j < JR; j++) {
-        for (int r = 0; r < NR; r++) y[j][r] = hsum(acc[j][r]);
-        for (int64_t i = n1; i < n; i++) {
-            float gs = first ? 0.0f : grows[j * n + i];
-            for (int r = 0; r < NR; r++) {
-                y[j][r] += rows[j * n + i] * a[r][i];
-                da[r][i] += dy[j][r] * rows[j * n + i];
-                gs += dy[j][r] * a[r][i];
-            }
-            grows[j * n + i] = gs;
+    for (int r = 0; r < NR; r++) yj[r] = hsum(acc[r]);
+    for (int64_t i = n1; i < n; i++) {
+        float gs = first ? 0.0f : grow[i];
+        for (int r = 0; r < NR; r++) {
+            yj[r] += row[i] * a[r][i];
+            da[r][i] += dyj[r] * row[i];
+            gs += dyj[r] * a[r][i];
         }
+        grow[i] = gs;
     }
 }
 
-/* JR rows i0.. of an expert's gate_up_proj [., n], for NR pairs: dx_r += dh_r[i] * row_i for each
- * row in order, and each row's gradient = sum_r dh_r[i] * x_r (written if first, else added).
- * Blocked over JR rows: each 16-float piece of dx_r and x_r is loaded once for the JR rows and dx_r
- * stored once, where one row at a time loads and stores dx_r for every row (the stores bound it). */
-static inline __attribute__((always_inline)) void gate_up_rows_bwd(const float *rows, float *grows, int64_t n,
-                                                                   const int NR, const int JR,
-                                                                   const float *const *x, float *const *dx,
-                                                                   float *const *dh, int64_t i0, int first,
-                                                                   int last) {
+/* One row i of an expert's gate_up_proj, for NR pairs: dx_r += dh_r[i] * row, and the row's
+ * gradient = sum_r dh_r[i] * x_r (written if first, else added). */
+static inline __attribute__((always_inline)) void gate_up_row_bwd(const float *row, float *grow, int64_t n, const int NR,
+                                                                  const float *const *x, float *const *dx,
+                                                                  const float *dhi, int first, int last) {
     const int64_t n1 = n - n % VL;
-    int stream = last;
-    for (int j = 0; j < JR; j++) stream = stream && streamable(grows + j * n);
-    float d[JB][RB];
-    for (int j = 0; j < JR; j++)
-        for (int r = 0; r < NR; r++) d[j][r] = dh[r][i0 + j];
+    const int stream = last && streamable(grow);
     for (int64_t h = 0; h < n1; h += VL) {
-        vec xv[RB], dxv[RB];
+        const vec wv = load(row + h);
+        vec gv = first ? (vec){0} : load(grow + h);
         for (int r = 0; r < NR; r++) {
-            xv[r] = load(x[r] + h);
-            dxv[r] = load(dx[r] + h);
+            *(vec_u *)(dx[r] + h) = load(dx[r] + h) + dhi[r] * wv;
+            gv += dhi[r] * load(x[r] + h);
         }
-        for (int j = 0; j < JR; j++) {
-            const vec wv = load(rows + j * n + h);
-            vec gv = first ? (vec){0} : load(grows + j * n + h);
-            for (int r = 0; r < NR; r++) {
-                dxv[r] += d[j][r] * wv;
-                gv += d[j][r] * xv[r];
-            }
-            if (stream)
-                store_stream(grows + j * n + h, gv);
-            else
-                *(vec_u *)(grows + j * n + h) = gv;
-        }
-        for (int r = 0; r < NR; r++) *(vec_u *)(dx[r] + h) = dxv[r];
+        if (stream)
+            store_stream(grow + h, gv);
+        else
+            *(vec_u *)(grow + h) = gv;
     }
-    for (int64_t h = n1; h < n; h++)
-        for (int j = 0; j < JR; j++) {
-            float gs = first ? 0.0f : grows[j * n + h];
-            for (int r = 0; r < NR; r++) {
-                dx[r][h] += d[j][r] * rows[j * n + h];
-                gs += d[j][r] * x[r][h];
-            }
-            grows[j * n + h] = gs;
+    for (int64_t h = n1; h < n; h++) {
+        float gs = first ? 0.0f : grow[h];
+        for (int r = 0; r < NR; r++) {
+            dx[r][h] += dhi[r] * row[h];
+            gs += dhi[r] * x[r][h];
         }
+        grow[h] = gs;
+    }
 }
 
 /* The two passes of one block of NR pairs of one expert (see moe_experts_bwd) */
@@ -399,19 +366,11 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
             da[r][i] = 0.0f;
         }
     float dw_acc[RB] = {0};
-    /* one pass over down_proj [H, I], JB rows at a time for 2+ pairs (measured: no gain for one) */
-    for (int64_t j = 0; j < H;) {
-        const int jr = NR > 1 && H - j >= JB ? JB : 1;
-        float dy[JB][RB], y[JB][RB];
-        for (int b = 0; b < jr; b++)
-            for (int r = 0; r < NR; r++) dy[b][r] = wr[r] * gr[r][j + b];
-        if (jr == JB)
-            down_rows_bwd(dn + j * I, ddn + j * I, I, NR, JB, (const float *const *)a, da, dy, y, first, last);
-        else
-            down_rows_bwd(dn + j * I, ddn + j * I, I, NR, 1, (const float *const *)a, da, dy, y, first, last);
-        for (int b = 0; b < jr; b++)
-            for (int r = 0; r < NR; r++) dw_acc[r] += gr[r][j + b] * y[b][r];
-        j += jr;
+    for (int64_t j = 0; j < H; j++) { /* one pass over down_proj [H, I] */
+        float dyj[RB], yj[RB];
+        for (int r = 0; r < NR; r++) dyj[r] = wr[r] * gr[r][j];
+        down_row_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dyj, yj, first, last);
+        for (int r = 0; r < NR; r++) dw_acc[r] += gr[r][j] * yj[r];
     }
     for (int r = 0; r < NR; r++) {
         dwr[r] = dw_acc[r];
@@ -422,10 +381,11 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
         }
         for (int64_t h = 0; h < H; h++) dxr[r][h] = 0.0f;
     }
-    int64_t i = 0; /* one pass over gate_up_proj [2I, H], JB rows at a time for 2+ pairs */
-    for (; NR > 1 && i + JB <= 2 * I; i += JB)
-        gate_up_rows_bwd(gu + i * H, dgu + i * H, H, NR, JB, xr, dxr, dh, i, first, last);
-    for (; i < 2 * I; i++) gate_up_rows_bwd(gu + i * H, dgu + i * H, H, NR, 1, xr, dxr, dh, i, first, last);
+    for (int64_t i = 0; i < 2 * I; i++) { /* one pass over gate_up_proj [2I, H] */
+        float dhi[RB];
+        for (int r = 0; r < NR; r++) dhi[r] = dh[r][i];
+        gate_up_row_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dhi, first, last);
+    }
 }
 
 /* The backward of moe_experts + moe_combine for the experts e in [e0, e1), reading each touched
