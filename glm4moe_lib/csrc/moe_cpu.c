@@ -189,8 +189,8 @@ static void keep_best(float v, int64_t i, float *bv, int64_t *bi, int64_t *n, in
  * A tie decides nothing here: if two of the K+1 best choices (or two group scores at the
  * boundary) are equal, or a choice is not finite, it returns 1 + t for the first such token t
  * and the caller routes with torch instead (whose topk breaks ties its own way). Else 0.
- * scratch: 2 * E + 2 * (K + 1) floats/ints worth of room (see the caller). */
-int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weight, const float *bias, int64_t E,
+ * Out: logits, scores [T, E]; idx, w [T, K]. */
+static int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weight, const float *bias, int64_t E,
                   int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, float *logits,
                   float *scores, int64_t *idx, float *w) {
     for (int64_t t = 0; t < T; t += RB) { /* logits: one pass over the router's rows per RB tokens */
