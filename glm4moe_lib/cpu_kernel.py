@@ -4,8 +4,8 @@ At a few tokens a CPU layer call should cost about one read of the K chosen expe
 yet a chain of torch ops pays per op (tens of µs each at T=1) and the BLAS runs its 1-to-4-row
 GEMMs far below memory speed. ``csrc/moe_cpu.c`` (a few hundred lines of plain C) does the routed
 experts in one call: a counting sort of the (token, slot) pairs by expert, then for each expert
-one pass over its rows of weights that serves up to four of its tokens at once, the SwiGLU in
-between, and the weighted sum of the K slots.
+one pass over its rows of weights that serves up to eight of its tokens at once (four without
+AVX-512), the SwiGLU in between, and the weighted sum of the K slots.
 
 It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) on first
 use, for this CPU (``-march=native``), and cached under ``~/.cache/glm4moe_lib`` (or
@@ -52,8 +52,9 @@ ENV_CACHE = "GLM4MOE_CACHE_DIR"
 #: tried in order: the first that builds is used (a compiler without -march=native gets plain -O3);
 #: -ffp-contract=fast lets a multiply and an add become one fused multiply-add
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"])
-#: RB in csrc/moe_cpu.c: the tokens that share one pass over an expert's weights (sizes the scratch)
-_ROWS_PER_PASS = 4
+#: RB_MAX in csrc/moe_cpu.c: the most tokens that share one pass over an expert's weights (RB is 8
+#: with AVX-512, else 4); it sizes the kernel's scratch
+_ROWS_PER_PASS = 8
 #: with more than one torch thread, at least this many (token, slot) pairs per extra thread
 MIN_PAIRS_PER_THREAD = 64
 
@@ -339,7 +340,7 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
 
 
 #: :func:`layer_forward` (the whole layer in one C call) runs up to this many tokens: beyond, the
-#: BLAS runs the router's and the shared expert's GEMMs faster than the kernel's 4-token passes
+#: BLAS runs the router's and the shared expert's GEMMs faster than the kernel's few-token passes
 #: (measured at the bench size, 1 thread: the C router and shared expert are 1.5x faster at T=1,
 #: level at T=16, 1.6x and 1.8x slower at T=64 and 256)
 LAYER_MAX_TOKENS = 8
