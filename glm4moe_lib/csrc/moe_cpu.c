@@ -40,10 +40,20 @@ _Static_assert(RB >= 1 && RB <= RB_MAX, "RB must be between 1 and RB_MAX");
 
 static inline vec load(const float *p) { return *(const vec_u *)p; }
 
-static inline float hsum(vec v) { /* tree sum of the 16 lanes (no memcpy: v stays in registers) */
-    const float a = ((v[0] + v[8]) + (v[1] + v[9])) + ((v[2] + v[10]) + (v[3] + v[11]));
-    const float b = ((v[4] + v[12]) + (v[5] + v[13])) + ((v[6] + v[14]) + (v[7] + v[15]));
-    return a + b;
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE16(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else /* older GCC */
+typedef int32_t ivec __attribute__((vector_size(64)));
+#define SHUFFLE16(v, ...) __builtin_shuffle(v, (ivec){__VA_ARGS__})
+#endif
+
+/* Tree sum of the 16 lanes, ((v0+v8)+(v1+v9)) + ((v2+v10)+(v3+v11)) + ..., in three vector shuffles and
+ * adds. Written lane by lane, GCC stored the vector and added 16 scalars back (measured slower). */
+static inline float hsum(vec v) {
+    v += SHUFFLE16(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7); /* lane i: v[i] + v[i+8] */
+    v += SHUFFLE16(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14); /* lane 2i: pairs of those */
+    v += SHUFFLE16(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13); /* lanes 0 and 4: a and b */
+    return v[0] + v[4];
 }
 
 /* out[r][j] = w[j, :] . x[r][:] for r < NR, j < m (w is [m, n], row-major): one pass over w,
