@@ -15,27 +15,15 @@ pytestmark = pytest.mark.skipif(
     cpu_kernel.load_kernel() is None, reason=f"fused CPU kernel {cpu_kernel.kernel_status()}"
 )
 
-CONFIGS = {
-    "plain": dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4),
-    "grouped": dict(
-        hidden_size=40,
-        moe_intermediate_size=24,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-    ),  # fmt: skip
-    "unnormalised-no-shared": dict(
-        hidden_size=48,
-        moe_intermediate_size=16,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=False,
-        n_shared_experts=0,
-        routed_scaling_factor=1.7,
-    ),  # fmt: skip
-    "top-1": dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=1),
+CONFIGS = {  # the library's presets, with widths that are not multiples of 16 where it matters
+    "plain": preset(
+        "tiny", hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4
+    ),
+    "grouped": preset("small", hidden_size=40, moe_intermediate_size=24),  # n_group=4, topk_group=2, x2.5
+    "unnormalised-no-shared": preset(
+        "tiny", hidden_size=48, norm_topk_prob=False, n_shared_experts=0, routed_scaling_factor=1.7
+    ),
+    "top-1": preset("tiny", num_experts_per_tok=1),
 }
 
 
@@ -80,7 +68,7 @@ def calls(monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 3, cpu_kernel.LAYER_MAX_TOKENS])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matches_the_modules_and_transformers(name, tokens, calls):
-    moe, hf = _layers(MoEConfig(**CONFIGS[name]))
+    moe, hf = _layers(CONFIGS[name])
     x = torch.randn(tokens, moe.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
     with torch.no_grad():
         out, routing = moe(x, return_routing=True)
@@ -112,7 +100,7 @@ def test_bench_layer_and_leading_dimensions(calls):
 def test_a_few_tokens_on_one_thread_only(calls):
     """Beyond LAYER_MAX_TOKENS the BLAS runs the router and the shared expert faster; with pairs
     enough for two threads the experts are split over threads by the modules' path."""
-    moe, _ = _layers(MoEConfig(**CONFIGS["grouped"]))
+    moe, _ = _layers(CONFIGS["grouped"])
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():
@@ -130,7 +118,7 @@ def test_a_few_tokens_on_one_thread_only(calls):
 
 
 def test_ties_are_left_to_torch(calls):
-    moe, _ = _layers(MoEConfig(**CONFIGS["plain"]))
+    moe, _ = _layers(CONFIGS["plain"])
     x = torch.zeros(3, 64)  # every logit 0: every score 0.5, and the bias alone cannot break all ties
     moe.gate.e_score_correction_bias.zero_()
     with torch.no_grad():
@@ -141,7 +129,7 @@ def test_ties_are_left_to_torch(calls):
 
 
 def test_group_ties_and_nan_are_left_to_torch():
-    cfg = MoEConfig(**CONFIGS["grouped"])
+    cfg = CONFIGS["grouped"]
     moe, _ = _layers(cfg)
     gate = moe.gate
     args = (moe.experts.gate_up_proj, moe.experts.down_proj, None, 4, 4, 2, True, 2.5)
@@ -164,7 +152,7 @@ def test_group_ties_and_nan_are_left_to_torch():
 def test_router_in_c_equals_torch_on_many_tokens():
     """Many random tokens with a strong bias: the C router picks what torch's topk picks."""
     for name in ("plain", "grouped"):
-        moe, _ = _layers(MoEConfig(**CONFIGS[name]), seed=3)
+        moe, _ = _layers(CONFIGS[name], seed=3)
         with torch.no_grad():
             moe.gate.e_score_correction_bias.normal_(std=0.5)
             x = torch.randn(2000, moe.config.hidden_size)
@@ -183,7 +171,7 @@ def test_router_in_c_equals_torch_on_many_tokens():
 
 
 def test_only_where_it_applies(calls):
-    moe, _ = _layers(MoEConfig(**CONFIGS["plain"]))
+    moe, _ = _layers(CONFIGS["plain"])
     x = torch.randn(4, 64)
     out = moe(x)  # gradients on: the modules run (autograd through the experts' own kernel)
     assert calls == [] and out.grad_fn is not None
@@ -201,7 +189,7 @@ def test_only_where_it_applies(calls):
         assert calls == []
         moe(x)
         assert calls == [True]
-        soft = MoE(MoEConfig(**CONFIGS["plain"], scoring_func="softmax")).eval()
+        soft = MoE(CONFIGS["plain"].replace(scoring_func="softmax")).eval()
         soft(x)
         assert calls == [True], "softmax scoring is routed by torch"
         moe.to(torch.bfloat16)(x.bfloat16())
