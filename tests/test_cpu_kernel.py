@@ -3,6 +3,8 @@ by "auto" only where it applies, and a clear error or a quiet fallback where it 
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,15 +148,19 @@ def test_auto_picks_it_for_float32_at_small_batches():
     try:
         torch.set_num_threads(1)
         with torch.no_grad():
-            for t in (1, 16, 256, 512):  # T·K <= 32·E
+            for t in (1, 16, 256, 512, 4096, 8192):  # inference: at every T (measured to 8192)
                 assert choose_strategy(x(t), idx(t), 128) == "fused_cpu"
                 assert choose_strategy(x(t), idx(t), 128, F.silu) == "fused_cpu"
-            assert choose_strategy(x(513), idx(513), 128) != "fused_cpu"
             assert choose_strategy(x(16), idx(16), 128, F.gelu) != "fused_cpu"  # SiLU only
             assert choose_strategy(x(16).bfloat16(), idx(16), 128) != "fused_cpu"  # float32 only
+            with patch.object(dispatch, "FUSED_CPU_MAX_PAIRS_PER_EXPERT", 32):  # a finite limit, per thread
+                assert choose_strategy(x(512), idx(512), 128) == "fused_cpu"
+                assert choose_strategy(x(513), idx(513), 128) != "fused_cpu"
+                torch.set_num_threads(2)
+                assert choose_strategy(x(1024), idx(1024), 128) == "fused_cpu"  # 2 threads: up to 64·E
+                assert choose_strategy(x(1025), idx(1025), 128) != "fused_cpu"
             torch.set_num_threads(2)
-            assert choose_strategy(x(1024), idx(1024), 128) == "fused_cpu"  # 2 threads: up to 64·E
-            assert choose_strategy(x(1025), idx(1025), 128) != "fused_cpu"
+            assert choose_strategy(x(4096), idx(4096), 128) == "fused_cpu"
             with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asks for bf16 math
                 assert choose_strategy(x(16), idx(16), 128) != "fused_cpu"
         torch.set_num_threads(1)
@@ -327,6 +333,7 @@ def test_flop_counters_and_transforms_see_the_torch_ops():
         (300, 8, 2, 96, 48, True),
         (64, 128, 8, 512, 128, False),
         (90, 6, 3, 42, 13, True),  # H and 2I not multiples of the 4-row blocks: the leftover rows
+        (60, 4, 2, 43, 11, True),  # odd H: a down row left over after the row pairs of later blocks
     ],
     ids=str,
 )

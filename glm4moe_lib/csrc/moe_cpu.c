@@ -8,9 +8,9 @@
  *
  * Why it is fast for a few tokens: a token needs K experts' weights, each read from memory once
  * (the limit), and at small T the BLAS spends more time per tiny GEMM than reading them takes.
- * Here each expert's rows are read once, in address order (the hardware prefetcher follows; a
- * software prefetch measured no faster), while up to RB of its tokens are multiplied with them:
- * one load of weights feeds RB fused multiply-adds.
+ * Here each expert's rows are read once, in address order (the hardware prefetcher follows; the
+ * next expert is prefetched in software only behind a compute-bound one: see read_ahead), while up
+ * to RB of its tokens are multiplied with them: one load of weights feeds RB fused multiply-adds.
  * Plain C with GCC/Clang vector types: 16 floats per vector compile to one AVX-512 register,
  * two AVX2 or four NEON registers, whichever -march=native has.
  */
@@ -35,6 +35,17 @@ typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, 
 #endif
 #endif
 #define RB_MAX 8 /* cpu_kernel.py sizes the scratch for this many */
+/* Backward blocks after an expert's first read its weights from cache (L2): there two neighbouring
+ * rows at a time (fewer loads and stores per multiply-add), where the CPU has 32 vector registers.
+ * Measured: backward 6% faster at T=256, 17% at T=1024; in the first block, which reads the weights
+ * from memory, two rows at once were up to 1.6x slower (as in the forward, see rows_dot). */
+#ifndef ROWS2
+#if defined(__AVX512F__)
+#define ROWS2 1
+#else
+#define ROWS2 0
+#endif
+#endif
 #define RBB 4    /* the same for the backward (measured: 8 is 8% slower at T=256, no faster below) */
 _Static_assert(RB >= 1 && RB <= RB_MAX, "RB must be between 1 and RB_MAX");
 
@@ -131,7 +142,9 @@ static read_ahead read_ahead_of_next(const int64_t *offsets, int64_t e, int64_t 
 
 /* out[r][j] = w[j, :] . x[r][:] for r < NR, j < m (w is [m, n], row-major): one pass over w,
  * each weight vector loaded once and multiplied into all NR tokens' sums; ra: NULL, or what to
- * prefetch a little of per row */
+ * prefetch a little of per row. One row at a time, in address order: with several rows at once
+ * (each token vector loaded once for all of them) it measured up to 2x slower on weights coming
+ * from memory, whose stream the hardware prefetcher then loses, and only 3-5% faster on cached ones. */
 static inline __attribute__((always_inline)) void rows_dot(const float *w, int64_t m, int64_t n,
                                                            const float *const *x, const int NR,
                                                            float *const *out, read_ahead *ra) {
@@ -463,6 +476,107 @@ static inline __attribute__((always_inline)) void gate_up_row_bwd(const float *r
     }
 }
 
+/* down_row_bwd for two neighbouring rows (row, row + n) at once: each a, da and dy vector is
+ * loaded once for both rows, and da is read and written once (updated by row, then by row + n:
+ * the same order, so bitwise the same as two calls). */
+static inline __attribute__((always_inline)) void down_rows2_bwd(const float *row, float *grow, int64_t n,
+                                                                 const int NR, const float *const *a,
+                                                                 float *const *da, const float *dy0,
+                                                                 const float *dy1, float *y0, float *y1,
+                                                                 int first, int last) {
+    const float *row1 = row + n;
+    float *grow1 = grow + n;
+    const int64_t n1 = n - n % VL;
+    const int stream0 = last && streamable(grow), stream1 = last && streamable(grow1);
+    vec acc0[RBB], acc1[RBB];
+    for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = (vec){0};
+    for (int64_t i = 0; i < n1; i += VL) {
+        const vec w0 = load(row + i), w1 = load(row1 + i);
+        vec g0 = first ? (vec){0} : load(grow + i), g1 = first ? (vec){0} : load(grow1 + i);
+        for (int r = 0; r < NR; r++) {
+            const vec av = load(a[r] + i);
+            acc0[r] += w0 * av;
+            acc1[r] += w1 * av;
+            vec d = load(da[r] + i);
+            d += dy0[r] * w0;
+            d += dy1[r] * w1;
+            *(vec_u *)(da[r] + i) = d;
+            g0 += dy0[r] * av;
+            g1 += dy1[r] * av;
+        }
+        if (stream0)
+            store_stream(grow + i, g0);
+        else
+            *(vec_u *)(grow + i) = g0;
+        if (stream1)
+            store_stream(grow1 + i, g1);
+        else
+            *(vec_u *)(grow1 + i) = g1;
+    }
+    for (int r = 0; r < NR; r++) {
+        y0[r] = hsum(acc0[r]);
+        y1[r] = hsum(acc1[r]);
+    }
+    for (int q = 0; q < 2; q++) { /* the last n % VL columns, row by row */
+        const float *rw = q ? row1 : row, *dy = q ? dy1 : dy0;
+        float *gw = q ? grow1 : grow, *y = q ? y1 : y0;
+        for (int64_t i = n1; i < n; i++) {
+            float gs = first ? 0.0f : gw[i];
+            for (int r = 0; r < NR; r++) {
+                y[r] += rw[i] * a[r][i];
+                da[r][i] += dy[r] * rw[i];
+                gs += dy[r] * a[r][i];
+            }
+            gw[i] = gs;
+        }
+    }
+}
+
+/* gate_up_row_bwd for two neighbouring rows (row, row + n) at once: each x and dx vector loaded once
+ * for both, dx read and written once (bitwise the same as two calls, as down_rows2_bwd). */
+static inline __attribute__((always_inline)) void gate_up_rows2_bwd(const float *row, float *grow, int64_t n,
+                                                                    const int NR, const float *const *x,
+                                                                    float *const *dx, const float *dh0,
+                                                                    const float *dh1, int first, int last) {
+    const float *row1 = row + n;
+    float *grow1 = grow + n;
+    const int64_t n1 = n - n % VL;
+    const int stream0 = last && streamable(grow), stream1 = last && streamable(grow1);
+    for (int64_t h = 0; h < n1; h += VL) {
+        const vec w0 = load(row + h), w1 = load(row1 + h);
+        vec g0 = first ? (vec){0} : load(grow + h), g1 = first ? (vec){0} : load(grow1 + h);
+        for (int r = 0; r < NR; r++) {
+            vec d = load(dx[r] + h);
+            d += dh0[r] * w0;
+            d += dh1[r] * w1;
+            *(vec_u *)(dx[r] + h) = d;
+            const vec xv = load(x[r] + h);
+            g0 += dh0[r] * xv;
+            g1 += dh1[r] * xv;
+        }
+        if (stream0)
+            store_stream(grow + h, g0);
+        else
+            *(vec_u *)(grow + h) = g0;
+        if (stream1)
+            store_stream(grow1 + h, g1);
+        else
+            *(vec_u *)(grow1 + h) = g1;
+    }
+    for (int q = 0; q < 2; q++) {
+        const float *rw = q ? row1 : row, *dh = q ? dh1 : dh0;
+        float *gw = q ? grow1 : grow;
+        for (int64_t h = n1; h < n; h++) {
+            float gs = first ? 0.0f : gw[h];
+            for (int r = 0; r < NR; r++) {
+                dx[r][h] += dh[r] * rw[h];
+                gs += dh[r] * x[r][h];
+            }
+            gw[h] = gs;
+        }
+    }
+}
+
 /* The two passes of one block of NR pairs of one expert (see moe_experts_bwd) */
 static inline __attribute__((always_inline)) void expert_block_bwd(
     const float *gu, const float *dn, float *dgu, float *ddn, int64_t H, int64_t I, const int NR,
@@ -475,7 +589,22 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
             da[r][i] = 0.0f;
         }
     float dw_acc[RBB] = {0};
-    for (int64_t j = 0; j < H; j++) { /* one pass over down_proj [H, I] */
+    int64_t j = 0;
+#if ROWS2
+    for (; !first && j + 1 < H; j += 2) { /* one pass over down_proj [H, I], two rows at a time */
+        float dy0[RBB], dy1[RBB], y0[RBB], y1[RBB];
+        for (int r = 0; r < NR; r++) {
+            dy0[r] = wr[r] * gr[r][j];
+            dy1[r] = wr[r] * gr[r][j + 1];
+        }
+        down_rows2_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dy0, dy1, y0, y1, first, last);
+        for (int r = 0; r < NR; r++) {
+            dw_acc[r] += gr[r][j] * y0[r];
+            dw_acc[r] += gr[r][j + 1] * y1[r];
+        }
+    }
+#endif
+    for (; j < H; j++) { /* one row at a time (the first block, or the row left over) */
         float dyj[RBB], yj[RBB];
         for (int r = 0; r < NR; r++) dyj[r] = wr[r] * gr[r][j];
         down_row_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dyj, yj, first, last);
@@ -490,7 +619,18 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
         }
         for (int64_t h = 0; h < H; h++) dxr[r][h] = 0.0f;
     }
-    for (int64_t i = 0; i < 2 * I; i++) { /* one pass over gate_up_proj [2I, H] */
+    int64_t i = 0;
+#if ROWS2
+    for (; !first && i + 1 < 2 * I; i += 2) { /* one pass over gate_up_proj [2I, H], two rows at a time */
+        float dh0[RBB], dh1[RBB];
+        for (int r = 0; r < NR; r++) {
+            dh0[r] = dh[r][i];
+            dh1[r] = dh[r][i + 1];
+        }
+        gate_up_rows2_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dh0, dh1, first, last);
+    }
+#endif
+    for (; i < 2 * I; i++) { /* one row at a time */
         float dhi[RBB];
         for (int r = 0; r < NR; r++) dhi[r] = dh[r][i];
         gate_up_row_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dhi, first, last);
