@@ -417,9 +417,11 @@ def _compiles(strategy: str, device: torch.device) -> bool:
 
 
 #: CPU inference, float32, SiLU, the kernel built: ``fused_cpu`` up to T·K <= this many times E
-#: per torch thread (1 or 2; measured at the bench size: 3x faster than ``grouped_mm`` at T=16,
-#: 1.4x at T=256, even at T=512 on 1 thread and 1.25x faster at T=1024 on 2).
-FUSED_CPU_MAX_PAIRS_PER_EXPERT = 32
+#: per torch thread (1 or 2): at every T. Measured at the bench size, forward: 3x faster than
+#: ``grouped_mm`` at T=16, 1.6x at T=256, 1.2x at T=1024 and 1.05x at T=4096-8192 on 1 thread;
+#: 1.1-1.2x at T=1024-4096 on 2 (and faster than ``loop``). Lower it to hand large batches back to
+#: the BLAS if your machine measures otherwise (``python -m glm4moe_lib.bench``).
+FUSED_CPU_MAX_PAIRS_PER_EXPERT = math.inf
 #: the same with gradients (forward+backward; measured: 1.6-2.3x faster than ``grouped_mm`` up to
 #: T=64, 1.15x at T=256, 0.8x at T=512 on 1 thread; 1.1-1.2x at T=512-1024 on 2).
 FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT = 16
@@ -441,8 +443,8 @@ def choose_strategy(
 
     * float32 with SiLU experts (``act_fn`` None or ``F.silu``), where the C kernel of
       :mod:`glm4moe_lib.cpu_kernel` builds: ``fused_cpu``, one pass over each touched expert's
-      weights, up to T·K <= 32·E per thread (1 or 2) for inference and 16·E with gradients (its
-      backward is one more pass). Not under ``torch.compile`` or CPU autocast: see below.
+      weights, at every T for inference and up to T·K <= 16·E per thread (1 or 2) with gradients
+      (its backward is one more pass). Not under ``torch.compile`` or CPU autocast: see below.
     * otherwise, no gradient needed (inference): T·K <= E/8 (a token or two): ``gather_bmm`` (two batched
       GEMMs over the K chosen experts' weights: about 2x faster than K separate GEMMs at T=1 with
       the weights in cache, measured at the bench size); >= 128 rows per expert: ``loop`` (each
