@@ -124,6 +124,16 @@ static inline void read_ahead_step(read_ahead *ra) {
     }
 }
 
+/* Streaming ahead: with two or more tokens per pass, the multiply-adds per cache line of weights
+ * are enough that the hardware prefetcher alone falls behind memory: each weight vector's load also
+ * prefetches the line STREAM_AHEAD bytes further on (into L2; a prefetch past the end of the weights
+ * is harmless: it never faults). Measured (1 thread, in-process A/B, T=64, about 4 tokens per
+ * expert): routed experts 19% faster; level at T=1 and T >= 256; one token per pass measured up
+ * to 20% slower (the weights are then often in cache already: T=1). */
+#define STREAM_AHEAD 32768
+#define STREAM_MIN_TOKENS 2
+static inline void stream_ahead(const float *p) { __builtin_prefetch((const char *)p + STREAM_AHEAD, 0, 1); }
+
 /* What to read ahead while expert e is computed: the weights of the next expert in [e, e1) that
  * has a token, if e has at least PREFETCH_MIN_PAIRS pairs (else nothing). */
 static read_ahead read_ahead_of_next(const int64_t *offsets, int64_t e, int64_t e1, const float *gate_up,
@@ -155,6 +165,7 @@ static inline __attribute__((always_inline)) void rows_dot(const float *w, int64
         for (int r = 0; r < NR; r++) acc[r] = (vec){0};
         for (int64_t h = 0; h < n1; h += VL) {
             const vec wv = load(wj + h);
+            if (NR >= STREAM_MIN_TOKENS) stream_ahead(wj + h);
             for (int r = 0; r < NR; r++) acc[r] += wv * load(x[r] + h);
         }
         if (ra) read_ahead_step(ra);
