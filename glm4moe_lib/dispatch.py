@@ -15,7 +15,7 @@ and differs only in how the work is laid out:
 
 The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
 
-* ``fused_cpu`` (float32 on a CPU, up to a few hundred tokens): the C kernel of
+* ``fused_cpu`` (float32 on a CPU: inference at every T, training up to a few hundred tokens): the C kernel of
   :mod:`glm4moe_lib.cpu_kernel`: one call that sorts the pairs, reads each touched expert's weights
   once for all its tokens, and sums the K slots; its backward is one more pass over those weights.
   Built on first use; where it cannot be built ``"auto"`` takes the torch strategies below.
