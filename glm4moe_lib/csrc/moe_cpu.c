@@ -37,7 +37,7 @@ typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, 
 #define RB_MAX 8 /* cpu_kernel.py sizes the scratch for this many */
 /* Backward blocks after an expert's first read its weights from cache (L2): there two neighbouring
  * rows at a time (fewer loads and stores per multiply-add), where the CPU has 32 vector registers.
- * Measured: backward 6% faster at T=256, 17% at T=1024; in the first block, which reads the weights
+ * Measured: backward 4-6% faster at T=256, 17% at T=1024; in the first block, which reads the weights
  * from memory, two rows at once were up to 1.6x slower (as in the forward, see rows_dot). */
 #ifndef ROWS2
 #if defined(__AVX512F__)
@@ -128,7 +128,7 @@ static inline void read_ahead_step(read_ahead *ra) {
  * are enough that the hardware prefetcher alone falls behind memory: each weight vector's load also
  * prefetches the line STREAM_AHEAD bytes further on (into L2; a prefetch past the end of the weights
  * is harmless: it never faults). Measured (1 thread, in-process A/B, T=64, about 4 tokens per
- * expert): routed experts 19% faster; level at T=1 and T >= 256; one token per pass measured up
+ * expert): routed experts 15-19% faster, 5% at T=256, level at T=1; one token per pass measured up
  * to 20% slower (the weights are then often in cache already: T=1). */
 #define STREAM_AHEAD 32768
 #define STREAM_MIN_TOKENS 2
