@@ -7,7 +7,8 @@ experts in one call: a counting sort of the (token, slot) pairs by expert, then 
 one pass over its rows of weights that serves up to eight of its tokens at once (four without
 AVX-512), the SwiGLU in between, and the weighted sum of the K slots. Where the hardware prefetcher
 falls behind (several tokens per pass), software prefetches keep the weights coming from memory
-while it computes; so it stays ahead of the BLAS at every T measured, for inference.
+while it computes; so in the bench layer (H=512) it stays ahead of the BLAS at every T measured, for
+inference (wider layers: see ``dispatch.FUSED_CPU_MAX_PAIRS_PER_EXPERT``).
 
 It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) on first
 use, for this CPU (``-march=native``), and cached under ``~/.cache/glm4moe_lib`` (or

@@ -15,9 +15,10 @@ and differs only in how the work is laid out:
 
 The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
 
-* ``fused_cpu`` (float32 on a CPU: inference at every T, training up to a few hundred tokens): the C kernel of
-  :mod:`glm4moe_lib.cpu_kernel`: one call that sorts the pairs, reads each touched expert's weights
-  once for all its tokens, and sums the K slots; its backward is one more pass over those weights.
+* ``fused_cpu`` (float32 on a CPU, up to some dozens of rows per expert, and for inference at every
+  T in layers up to H=512): the C kernel of :mod:`glm4moe_lib.cpu_kernel`: one call that sorts the
+  pairs, reads each touched expert's weights once for all its tokens, and sums the K slots; its
+  backward is one more pass over those weights.
   Built on first use; where it cannot be built ``"auto"`` takes the torch strategies below.
 * ``gather_bmm`` (a token or two, on accelerators): copy the K chosen experts' weights of every token into one
   batch and run two ``torch.bmm`` calls: 2 kernels instead of 2·K small ones, no sort, no sync.
@@ -416,21 +417,31 @@ def _compiles(strategy: str, device: torch.device) -> bool:
     return strategy in traceable or (strategy == "grouped_mm" and device.type == "cuda")
 
 
-#: CPU inference, float32, SiLU, the kernel built: ``fused_cpu`` up to T·K <= this many times E
-#: per torch thread (1 or 2): at every T. Measured at the bench size, forward: 3x faster than
-#: ``grouped_mm`` at T=16, 1.6x at T=256, 1.2x at T=1024 and 1.05x at T=4096-8192 on 1 thread;
-#: 1.1-1.2x at T=1024-4096 on 2 (and faster than ``loop``). Lower it to hand large batches back to
-#: the BLAS if your machine measures otherwise (``python -m glm4moe_lib.bench``).
-FUSED_CPU_MAX_PAIRS_PER_EXPERT = math.inf
-#: the same with gradients (forward+backward; measured: 1.6-2.3x faster than ``grouped_mm`` up to
-#: T=64, 1.15x at T=256, 0.8x at T=512 on 1 thread; 1.1-1.2x at T=512-1024 on 2).
-FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT = 16
+#: CPU inference, float32, SiLU, the kernel built: ``fused_cpu`` up to this many (token, expert)
+#: pairs per expert and torch thread (1 or 2), by hidden size H: rows of (largest H, pairs), the
+#: first row with H <= its largest H applies. The kernel multiplies up to 8 tokens' rows (8·H floats)
+#: with each weight row; while those fit easily in a core's L1 cache (our reading of the numbers) it
+#: stays ahead of the BLAS at every batch size, beyond that the BLAS wins from a few dozen rows per
+#: expert. Measured, forward, 1 thread, the crossover against ``grouped_mm`` and ``loop``: none up
+#: to 512 pairs per expert at H=512 (the bench layer: 1.2x faster at T=1024, 1.05x at T=4096-8192,
+#: also on 2 threads); 32-64 at H=1024 (E=64, K=8); 8-16 at H=2048 (E=32, K=4) and H=4096 (E=16,
+#: K=4). Change it if your machine measures otherwise (``python -m glm4moe_lib.bench``).
+FUSED_CPU_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, math.inf), (1024, 32), (math.inf, 8))
+#: the same with gradients (forward+backward; crossover measured at 16-32 pairs per expert at H=512,
+#: about 8 at H=1024, 4-8 at H=2048).
+FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, 16), (math.inf, 6))
 
 
-def fused_cpu_pays(pairs: int, num_experts: int, inference: bool) -> bool:
+def fused_cpu_max_pairs_per_expert(hidden_size: int, inference: bool) -> float:
+    """The row of :data:`FUSED_CPU_MAX_PAIRS_PER_EXPERT` (or the training table) for ``hidden_size``."""
+    table = FUSED_CPU_MAX_PAIRS_PER_EXPERT if inference else FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT
+    return next((pairs for largest, pairs in table if hidden_size <= largest), 0)
+
+
+def fused_cpu_pays(pairs: int, num_experts: int, hidden_size: int, inference: bool) -> bool:
     """Whether "auto" takes ``fused_cpu`` for ``pairs`` (token, expert) pairs on a CPU (the kernel
     supported): up to the thresholds above, per torch thread (counting at most 2)."""
-    per_expert = FUSED_CPU_MAX_PAIRS_PER_EXPERT if inference else FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT
+    per_expert = fused_cpu_max_pairs_per_expert(hidden_size, inference)
     return not _compiling() and pairs <= per_expert * min(torch.get_num_threads(), 2) * num_experts
 
 
@@ -443,8 +454,10 @@ def choose_strategy(
 
     * float32 with SiLU experts (``act_fn`` None or ``F.silu``), where the C kernel of
       :mod:`glm4moe_lib.cpu_kernel` builds: ``fused_cpu``, one pass over each touched expert's
-      weights, at every T for inference and up to T·K <= 16·E per thread (1 or 2) with gradients
-      (its backward is one more pass). Not under ``torch.compile`` or CPU autocast: see below.
+      weights, up to a number of pairs per expert and thread (1 or 2) that depends on the hidden
+      size: for inference at every T for H <= 512, 32 for H <= 1024, else 8; with gradients 16 for
+      H <= 512, else 6 (its backward is one more pass; :data:`FUSED_CPU_MAX_PAIRS_PER_EXPERT`).
+      Not under ``torch.compile`` or CPU autocast: see below.
     * otherwise, no gradient needed (inference): T·K <= E/8 (a token or two): ``gather_bmm`` (two batched
       GEMMs over the K chosen experts' weights: about 2x faster than K separate GEMMs at T=1 with
       the weights in cache, measured at the bench size); >= 128 rows per expert: ``loop`` (each
@@ -470,7 +483,7 @@ def choose_strategy(
     if device.type == "cpu":
         inference = not torch.is_grad_enabled()
         if (
-            fused_cpu_pays(pairs, num_experts, inference)
+            fused_cpu_pays(pairs, num_experts, hidden_states.shape[-1], inference)
             and cpu_kernel.unsupported(hidden_states, hidden_states, hidden_states, act_fn or F.silu) is None
         ):
             return "fused_cpu"

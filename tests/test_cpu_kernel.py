@@ -3,6 +3,7 @@ by "auto" only where it applies, and a clear error or a quiet fallback where it 
 
 from __future__ import annotations
 
+import math
 from unittest.mock import patch
 
 import pytest
@@ -153,7 +154,7 @@ def test_auto_picks_it_for_float32_at_small_batches():
                 assert choose_strategy(x(t), idx(t), 128, F.silu) == "fused_cpu"
             assert choose_strategy(x(16), idx(16), 128, F.gelu) != "fused_cpu"  # SiLU only
             assert choose_strategy(x(16).bfloat16(), idx(16), 128) != "fused_cpu"  # float32 only
-            with patch.object(dispatch, "FUSED_CPU_MAX_PAIRS_PER_EXPERT", 32):  # a finite limit, per thread
+            with patch.object(dispatch, "FUSED_CPU_MAX_PAIRS_PER_EXPERT", ((math.inf, 32),)):  # per thread
                 assert choose_strategy(x(512), idx(512), 128) == "fused_cpu"
                 assert choose_strategy(x(513), idx(513), 128) != "fused_cpu"
                 torch.set_num_threads(2)
@@ -161,12 +162,21 @@ def test_auto_picks_it_for_float32_at_small_batches():
                 assert choose_strategy(x(1025), idx(1025), 128) != "fused_cpu"
             torch.set_num_threads(2)
             assert choose_strategy(x(4096), idx(4096), 128) == "fused_cpu"
+            torch.set_num_threads(1)
+            # wider layers: the BLAS wins from fewer rows per expert (32 pairs per expert up to H=1024, then 8)
+            wide = lambda t, h: torch.zeros(t, h)  # noqa: E731
+            assert choose_strategy(wide(256, 1024), idx(256), 64) == "fused_cpu"  # 32 pairs per expert
+            assert choose_strategy(wide(257, 1024), idx(257), 64) != "fused_cpu"
+            assert choose_strategy(wide(128, 2048), idx(128), 128) == "fused_cpu"  # 8 pairs per expert
+            assert choose_strategy(wide(129, 2048), idx(129), 128) != "fused_cpu"
             with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asks for bf16 math
                 assert choose_strategy(x(16), idx(16), 128) != "fused_cpu"
         torch.set_num_threads(1)
         for t in (1, 16, 256):  # with gradients: T·K <= 16·E (its backward is one more pass)
             assert choose_strategy(x(t), idx(t), 128) == "fused_cpu"
         assert choose_strategy(x(257), idx(257), 128) != "fused_cpu"
+        assert choose_strategy(torch.zeros(96, 1024), idx(96), 128) == "fused_cpu"  # wider: 6 per expert
+        assert choose_strategy(torch.zeros(97, 1024), idx(97), 128) != "fused_cpu"
         torch.set_num_threads(2)
         assert choose_strategy(x(512), idx(512), 128) == "fused_cpu"
         assert choose_strategy(x(513), idx(513), 128) != "fused_cpu"
