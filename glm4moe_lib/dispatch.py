@@ -419,10 +419,11 @@ def _compiles(strategy: str, device: torch.device) -> bool:
 
 #: CPU inference, float32, SiLU, the kernel built: ``fused_cpu`` up to this many (token, expert)
 #: pairs per expert and torch thread (1 or 2), by hidden size H: rows of (largest H, pairs), the
-#: first row with H <= its largest H applies. The kernel multiplies up to 8 tokens' rows (8·H floats)
-#: with each weight row; while those fit easily in a core's L1 cache (our reading of the numbers) it
-#: stays ahead of the BLAS at every batch size, beyond that the BLAS wins from a few dozen rows per
-#: expert. Measured, forward, 1 thread, the crossover against ``grouped_mm`` and ``loop``: none up
+#: first row with H <= its largest H applies. In the bench layer (H=512) the kernel stays ahead of
+#: the BLAS at every batch size; in wider layers the BLAS (better with bigger matrices) wins from a
+#: few dozen rows per expert, and the kernel itself is slower per FLOP at H=2048 (30-35 GFLOP/s
+#: against 45-60 at H=512-1024 here; not from its token rows leaving L1: strips did not help).
+#: Measured, forward, 1 thread, the crossover against ``grouped_mm`` and ``loop``: none up
 #: to 512 pairs per expert at H=512 (the bench layer: 1.2x faster at T=1024, 1.05x at T=4096-8192,
 #: also on 2 threads); 32-64 at H=1024 (E=64, K=8); 8-16 at H=2048 (E=32, K=4) and H=4096 (E=16,
 #: K=4). Change it if your machine measures otherwise (``python -m glm4moe_lib.bench``).
