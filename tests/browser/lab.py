@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from playwright.async_api import BrowserContext, Locator, Page
+from playwright.async_api import Error as PlaywrightError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -157,7 +158,14 @@ async def open_notebook(page: Page, base: str, token: str, path: str, timeout: f
     )
 
     async def ready():
-        s = await status(page, path)
+        try:
+            s = await status(page, path)
+        except PlaywrightError as exc:
+            # JupyterLab may still navigate while it resets the workspace (seen once in CI, on a busy
+            # machine): the page's script context is then gone for a moment; poll again
+            if "Execution context was destroyed" in str(exc):
+                return None
+            raise
         return s if s and s["kernel"] == "idle" else None
 
     await _poll(ready, timeout, what=f"{path} to open with an idle kernel")
