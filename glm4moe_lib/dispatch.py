@@ -456,9 +456,8 @@ def choose_strategy(
     * float32 with SiLU experts (``act_fn`` None or ``F.silu``), where the C kernel of
       :mod:`glm4moe_lib.cpu_kernel` builds: ``fused_cpu``, one pass over each touched expert's
       weights, up to a number of pairs per expert and thread (1 or 2) that depends on the hidden
-      size: for inference at every T for H <= 512, 32 for H <= 1024, else 8; with gradients 16 for
-      H <= 512, else 6 (its backward is one more pass; :data:`FUSED_CPU_MAX_PAIRS_PER_EXPERT`).
-      Not under ``torch.compile`` or CPU autocast: see below.
+      size and on gradients (:data:`FUSED_CPU_MAX_PAIRS_PER_EXPERT`, its training twin: the
+      backward is one more pass). Not under ``torch.compile`` or CPU autocast: see below.
     * otherwise, no gradient needed (inference): T·K <= E/8 (a token or two): ``gather_bmm`` (two batched
       GEMMs over the K chosen experts' weights: about 2x faster than K separate GEMMs at T=1 with
       the weights in cache, measured at the bench size); >= 128 rows per expert: ``loop`` (each
