@@ -33,7 +33,9 @@ Run the check on N local processes::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -669,6 +671,8 @@ def _worker(
     # If this rank is still running when the launcher gives up, leave its Python stacks behind.
     stack_file = open(Path(out_dir) / f"rank{rank}.stack", "w")  # noqa: SIM115 (kept open until exit)
     faulthandler.dump_traceback_later(stack_after_s, file=stack_file)
+    if hasattr(signal, "SIGUSR1"):  # the launcher asks for the stacks before it kills a stalled rank
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -742,6 +746,12 @@ def _launch_once(
                     init_failed = True  # the process group never came up: give up this attempt
                     break
             time.sleep(0.02)
+        stalled = [p for r, p in enumerate(procs) if outcomes[r] is None and p.pid is not None]
+        if stalled and hasattr(signal, "SIGUSR1"):  # have them write where they are, then kill them
+            for p in stalled:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(0.5)
         for r, p in enumerate(procs):
             if outcomes[r] is None:  # still running: kill it
                 p.kill()

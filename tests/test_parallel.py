@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from glm4moe_lib import MoE, preset
+from glm4moe_lib import MoE, parallel, preset
 from glm4moe_lib.parallel import (
     EPMoE,
     ExpertParallelError,
@@ -309,6 +309,34 @@ def test_dead_rank_stops_the_others(sleep_s):
         elapsed, msg = o.result
         assert elapsed < 10, msg  # gloo reports a closed peer at once, a silent one after 1.5 s
         assert f"failed on rank {o.rank} of 4" in msg and "peer rank has probably died" in msg
+
+
+_real_init_distributed = parallel.init_distributed
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _stuck_in_setup(*args, **kwargs):
+    """Stands in for init_distributed on one rank: the process group never comes up there."""
+    if os.environ["RANK"] == "1":
+        time.sleep(60)
+    return _real_init_distributed(*args, **kwargs)
+
+
+def test_a_stalled_setup_is_retried_then_reported_with_its_stack(monkeypatch):
+    """A rank whose process group does not come up is killed after init_timeout_s (each retry
+    starts all ranks again) and its error says so, with the Python stack it was stuck in."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the monkeypatch reaches the ranks only through fork")
+    monkeypatch.setattr(parallel, "init_distributed", _stuck_in_setup)
+    start = time.monotonic()
+    outcomes = launch_outcomes(_rank_and_world, 2, timeout_s=30, init_timeout_s=1.0, init_retries=1)
+    assert time.monotonic() - start < 10  # two tries of about a second each, not the 60 s sleep
+    assert not outcomes[1].ok and outcomes[1].exitcode is None
+    assert "the process group was not up: killed" in outcomes[1].error
+    assert "_stuck_in_setup" in outcomes[1].error  # where it was stuck, from its stack dump
 
 
 # ---- the torchrun entry point ------------------------------------------------------------------
