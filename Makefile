@@ -48,7 +48,8 @@ nbtest: setup
 # Re-run every lesson top to bottom and store the outputs (do this before committing a notebook).
 notebooks: setup
 	for nb in notebooks/*.ipynb; do \
-	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
+	  PYTHONPATH=tests $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+	    --ExecutePreprocessor.kernel_manager_class=kernel_client.KernelManager "$$nb" || exit 1; \
 	done
 
 learner: setup

@@ -92,13 +92,18 @@ def learner_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_learner_version_runs_top_to_bottom(learner_dir, lesson):
+    from kernel_client import KernelManager
     from nbclient import NotebookClient
 
     path = learner_dir / f"{lesson}.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert not any(BEGIN in c.source for c in nb.cells)
     client = NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        kernel_manager_class=KernelManager,  # no lost wake-ups, no port races (see kernel_client.py)
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
     client.execute()  # raises CellExecutionError if any cell fails
     texts = []
