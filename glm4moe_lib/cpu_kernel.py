@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -216,6 +217,50 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
     return f"the fused CPU kernel is {kernel_status()}"
 
 
+def check_shapes(*named: tuple[str, Tensor | None, tuple[int, ...]], fit: Callable[[], str]) -> None:
+    """Raise ValueError for the first ``(name, tensor, expected shape)`` whose shape differs.
+
+    The C code reads every tensor by the sizes it is told, so weights that no longer fit together
+    (say, one replaced through ``.data`` by a smaller one) would be read past their end: a crash or
+    garbage instead of an error. ``fit()`` says what the expected shapes were derived from (called
+    only for the message: this runs on every call).
+    """
+    for name, t, shape in named:
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: it must be {shape} to fit {fit()}")
+
+
+def check_expert_shapes(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> None:
+    """Clear errors for expert weights that do not fit each other or the tokens: gate_up_proj
+    [E, 2I, H], down_proj [E, H, I], hidden_states [T, H]."""
+    gu, dn = gate_up_proj.shape, down_proj.shape
+    if len(gu) != 3 or len(dn) != 3 or gu[1] % 2 or dn != (gu[0], gu[2], gu[1] // 2):
+        raise ValueError(
+            f"gate_up_proj {tuple(gu)} and down_proj {tuple(dn)} do not fit together: they must be "
+            "[E, 2I, H] and [E, H, I] with the same E, H and I"
+        )
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != gu[2]:
+        raise ValueError(
+            f"hidden_states has shape {tuple(hidden_states.shape)}: it must be [tokens, H={gu[2]}] to fit "
+            f"the experts' weights (gate_up_proj {tuple(gu)})"
+        )
+
+
+def check_mlp_shapes(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> None:
+    """Clear errors for a SwiGLU MLP whose weights do not fit each other or the tokens: gate and up
+    [I, H], down [H, I] (``nn.Linear`` weights), x [..., H]."""
+    if gate.dim() != 2:
+        raise ValueError(f"gate has shape {tuple(gate.shape)}: it must be [I, H]")
+    inter, hidden = gate.shape
+
+    def fit() -> str:
+        return f"gate {tuple(gate.shape)} (I={inter}, H={hidden})"
+
+    check_shapes(("up", up, (inter, hidden)), ("down", down, (hidden, inter)), fit=fit)
+    if x.dim() == 0 or x.shape[-1] != hidden:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be {hidden} to fit {fit()}")
+
+
 def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
     """Split the experts into ``parts`` ranges of about equal pair counts."""
     ends = offsets.tolist()
@@ -330,9 +375,10 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     gate, up [I, H] and down [H, I] as ``nn.Linear`` weights; float32 on the CPU.
     """
     shape = x.shape
+    check_mlp_shapes(x, gate, up, down)
+    inter = gate.shape[0]
     rows = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
     gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
-    inter = gate.shape[0]
     y = torch.empty(rows.shape[0], down.shape[0], dtype=torch.float32)  # [T, H]
     scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
     _lib.mlp_forward(
@@ -378,9 +424,27 @@ def layer_forward(
     not finite): torch's topk decides ties its own way, so then the caller routes with torch.
     The caller checks :func:`unsupported` first (and :func:`layer_applies` for the speed).
     """
+    check_expert_shapes(x, gate_up, down)
+    num_experts, hidden, inter = down.shape
+    check_shapes(
+        ("the router weight (gate.weight)", router_weight, (num_experts, hidden)),
+        ("the router bias (e_score_correction_bias)", bias, (num_experts,)),
+        fit=lambda: f"the experts (E={num_experts}, H={hidden})",
+    )
+    if shared is not None:
+        if shared[0].dim() != 2:
+            raise ValueError(
+                f"shared gate has shape {tuple(shared[0].shape)}: it must be [I_shared, {hidden}]"
+            )
+        inter_s = shared[0].shape[0]
+        check_shapes(
+            ("shared gate", shared[0], (inter_s, hidden)),
+            ("shared up", shared[1], (inter_s, hidden)),
+            ("shared down", shared[2], (hidden, inter_s)),
+            fit=lambda: f"the shared expert's gate {tuple(shared[0].shape)} and H={hidden}",
+        )
     x = x.contiguous()
-    tokens, hidden = x.shape
-    num_experts, inter = gate_up.shape[0], down.shape[2]
+    tokens = x.shape[0]
     pairs = tokens * top_k
     # kept in names: each must stay alive through the C call
     router_weight, gate_up, down = router_weight.contiguous(), gate_up.contiguous(), down.contiguous()
@@ -446,6 +510,13 @@ def fused_cpu_dispatch(
     reason = unsupported(hidden_states, gate_up_proj, down_proj, act_fn)
     if reason is not None:
         raise ValueError(f"strategy='fused_cpu' cannot run here: {reason}")
+    check_expert_shapes(hidden_states, gate_up_proj, down_proj)
+    tokens = hidden_states.shape[0]
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} must "
+            f"both be [tokens={tokens}, top_k]"
+        )
     args = (
         hidden_states.contiguous(),
         top_k_index.to(torch.int64).contiguous(),

@@ -564,6 +564,7 @@ def dispatch_combine(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not allowed: use 'auto' or one of {sorted(STRATEGIES)}")
     _check_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj.shape[0], check_ids)
+    cpu_kernel.check_expert_shapes(hidden_states, gate_up_proj, down_proj)
     if hidden_states.shape[0] == 0:
         # Nothing to compute, but stay on the autograd graph (as a real batch would): a caller that
         # backpropagates through an empty batch, e.g. an expert-parallel rank that received no

@@ -36,6 +36,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., H] -> [..., H]
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        cpu_kernel.check_mlp_shapes(x, *weights)  # a clear error, not one from inside a matmul
         if cpu_kernel.mlp_applies(x, *weights, self.act_fn):  # a few tokens, float32 CPU inference
             return cpu_kernel.swiglu_mlp(x, *weights)  # the same math in one C call
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

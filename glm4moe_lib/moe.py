@@ -67,6 +67,15 @@ class MoE(nn.Module):
                 f"{weight.dtype}: cast one of them (e.g. moe.to({hidden_states.dtype}))"
             )
 
+    def _check_expert_count(self, routing: RouterOutput) -> None:
+        """The router must score as many experts as there are (its ids index the experts)."""
+        scored, held = routing.logits.shape[-1], self.experts.gate_up_proj.shape[0]
+        if scored != held:
+            raise ValueError(
+                f"the router scores {scored} experts (gate.weight {tuple(self.gate.weight.shape)}) but "
+                f"experts.gate_up_proj holds {held} ({tuple(self.experts.gate_up_proj.shape)}): they must match"
+            )
+
     def forward(
         self, hidden_states: Tensor, return_routing: bool = False
     ) -> Tensor | tuple[Tensor, RouterOutput]:
@@ -79,6 +88,7 @@ class MoE(nn.Module):
             out, routing = fused
         else:
             routing = self.gate(x)
+            self._check_expert_count(routing)
             # the router's ids lie in [0, E) by construction: no range check (no host sync on GPUs)
             out = self.experts(x, routing.topk_indices, routing.topk_weights, check_ids=False)  # [T, H]
             if self.shared_experts is not None:

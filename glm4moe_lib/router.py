@@ -72,6 +72,11 @@ def route(
             f"logits has shape {tuple(logits.shape)}: expected [tokens, n_routed_experts="
             f"{config.n_routed_experts}]"
         )
+    if bias is not None and tuple(bias.shape) != (config.n_routed_experts,):
+        raise ValueError(  # a [1] bias would broadcast silently: a wrong routing, not an error
+            f"bias (e_score_correction_bias) has shape {tuple(bias.shape)}: expected "
+            f"[n_routed_experts={config.n_routed_experts}]"
+        )
     logits = logits.float()
     scores = compute_scores(logits, config.scoring_func, temperature)  # [T, E]
     choice = scores if bias is None else scores + bias.float()  # [T, E] selection scores

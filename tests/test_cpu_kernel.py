@@ -225,6 +225,88 @@ def test_bad_inputs_get_clear_errors():
     assert cpu_kernel.fused_cpu_dispatch(x[:0], idx[:0], w[:0], gu, dn).shape == (0, 32)
 
 
+def _replaced(shapes: dict[str, tuple[int, ...]]) -> MoE:
+    """The bench layer with some weights' data replaced by random tensors of other shapes."""
+    moe = MoE(preset("bench"))
+    for path, shape in shapes.items():
+        *parents, name = path.split(".")
+        owner = moe
+        for parent in parents:
+            owner = getattr(owner, parent)
+        getattr(owner, name).data = torch.randn(shape)
+    return moe
+
+
+PRUNED = {"experts.gate_up_proj": (64, 256, 512), "experts.down_proj": (64, 512, 128)}  # 64 of 128
+
+
+@pytest.mark.parametrize(
+    "shapes, tokens, grad, match",
+    [
+        # the whole layer in one C call (a few tokens, inference)
+        ({"experts.down_proj": (64, 512, 128)}, 2, False, r"down_proj \(64, 512, 128\) do not fit together"),
+        (
+            {"experts.gate_up_proj": (128, 256, 256)},
+            2,
+            False,
+            r"gate_up_proj \(128, 256, 256\) and down_proj",
+        ),
+        ({"gate.e_score_correction_bias": (64,)}, 2, False, r"e_score_correction_bias\) has shape \(64,\)"),
+        ({"shared_experts.down_proj.weight": (512, 64)}, 2, False, r"down has shape \(512, 64\)"),
+        # the experts through the kernel (more tokens), with and without gradients
+        ({"experts.down_proj": (128, 512, 64)}, 64, False, r"do not fit together: they must be \[E, 2I, H\]"),
+        ({"experts.down_proj": (128, 512, 64)}, 64, True, r"do not fit together"),
+        # the router and the experts disagree on E
+        (
+            PRUNED,
+            2,
+            False,
+            r"router weight \(gate.weight\) has shape \(128, 512\): it must be \(64, 512\)|scores 128 .* holds 64",
+        ),
+        (PRUNED, 64, False, r"the router scores 128 experts .* holds 64"),
+        (PRUNED, 64, True, r"the router scores 128 experts .* holds 64"),
+    ],
+)
+def test_weights_replaced_with_other_shapes_get_clear_errors(shapes, tokens, grad, match):
+    """A weight replaced through ``.data`` by one of another shape is a clear error, never a read
+    past the end of a tensor in the C code (which crashed the interpreter before these checks)."""
+    moe = _replaced(shapes)
+    x = torch.randn(tokens, 512)
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+        moe(x)
+
+
+def test_every_strategy_checks_the_expert_shapes():
+    x, idx, w, gu, dn = _problem(4, 8, 2, 32, 16)
+    for strategy in ("loop", "sorted", "fused_cpu"):
+        with pytest.raises(ValueError, match=r"gate_up_proj \(8, 32, 32\) and down_proj \(8, 32, 8\)"):
+            dispatch_combine(x, idx, w, gu, dn[..., :8], strategy=strategy)
+        with pytest.raises(
+            ValueError, match=r"hidden_states has shape \(4, 16\): it must be \[tokens, H=32\]"
+        ):
+            dispatch_combine(x[:, :16], idx, w, gu, dn, strategy=strategy)
+
+
+@pytest.mark.parametrize("tokens, grad", [(1, False), (64, False), (2, True)])
+def test_mlp_checks_shapes_on_every_path(tokens, grad):
+    mlp = MLP(64, 32)
+    mlp.up_proj.weight.data = torch.randn(16, 64)
+    with (
+        torch.set_grad_enabled(grad),
+        pytest.raises(ValueError, match=r"up has shape \(16, 64\): it must be \(32, 64\)"),
+    ):
+        mlp(torch.randn(tokens, 64))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 48\): its last dimension must be 64"):
+        MLP(64, 32)(torch.randn(2, 48))
+
+
+def test_router_bias_of_another_shape_is_an_error_not_a_broadcast():
+    moe = MoE(preset("bench"))
+    moe.gate.e_score_correction_bias.data = torch.zeros(1)  # would broadcast over the 128 experts
+    with pytest.raises(ValueError, match=r"has shape \(1,\): expected \[n_routed_experts=128\]"):
+        moe.gate(torch.randn(64, 512))
+
+
 @pytest.fixture
 def fresh_kernel_state(monkeypatch, tmp_path):
     """A cold cache in tmp_path, and no kernel loaded yet (restored afterwards)."""
