@@ -68,6 +68,18 @@ def test_matches_dense_reference(case):
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden, inter", [(64, 32), (43, 11)])
+def test_a_token_gets_the_same_bits_alone_and_in_a_batch(hidden, inter):
+    """Batch invariance: a token alone (one-token passes, whose rows are read in pairs) and the same
+    token among many sharing its experts (passes of up to 8 tokens) give bitwise the same output."""
+    x, idx, w, gu, dn = _problem(40, 4, 2, hidden, inter)  # 4 experts: every pass is full
+    batch = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+    for t in (0, 17, 39):
+        alone = cpu_kernel.fused_cpu_dispatch(x[t : t + 1], idx[t : t + 1], w[t : t + 1], gu, dn)
+        assert torch.equal(alone[0], batch[t])
+
+
+@needs_kernel
 def test_same_result_with_any_thread_count():
     x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True)
     threads = torch.get_num_threads()
