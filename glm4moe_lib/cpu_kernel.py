@@ -432,17 +432,7 @@ def layer_forward(
         fit=lambda: f"the experts (E={num_experts}, H={hidden})",
     )
     if shared is not None:
-        if shared[0].dim() != 2:
-            raise ValueError(
-                f"shared gate has shape {tuple(shared[0].shape)}: it must be [I_shared, {hidden}]"
-            )
-        inter_s = shared[0].shape[0]
-        check_shapes(
-            ("shared gate", shared[0], (inter_s, hidden)),
-            ("shared up", shared[1], (inter_s, hidden)),
-            ("shared down", shared[2], (hidden, inter_s)),
-            fit=lambda: f"the shared expert's gate {tuple(shared[0].shape)} and H={hidden}",
-        )
+        check_mlp_shapes(x, *shared)
     x = x.contiguous()
     tokens = x.shape[0]
     pairs = tokens * top_k

@@ -179,7 +179,6 @@ static inline __attribute__((always_inline)) void rows_dot(const float *w, int64
     }
 }
 
-
 static void rows_dot_n(const float *w, int64_t m, int64_t n, const float *const *x, int nr,
                        float *const *out, read_ahead *ra) {
     switch (nr) { /* a constant row count: the accumulators stay in registers */
