@@ -400,6 +400,27 @@ def layer_applies(tokens: int, top_k: int) -> bool:
     return tokens <= LAYER_MAX_TOKENS and _threads(tokens * top_k) == 1
 
 
+def readable(*tensors: Tensor) -> bool:
+    """Whether the kernel can read ``tensors`` where they lie and nothing is watching: each a plain
+    (no subclass, no functorch wrapper), contiguous float32 CPU tensor, no TorchDispatchMode and no
+    CPU autocast on, the kernel built and switched on. The whole check of the one-token fast path,
+    in one pass (:func:`unsupported` says which condition failed)."""
+    if _lib is None and load_kernel() is None:
+        return False
+    if _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or _switched_off():
+        return False
+    for t in tensors:
+        if not (
+            type(t) in _PLAIN
+            and t.is_cpu
+            and t.dtype is torch.float32
+            and t.is_contiguous()
+            and not _is_wrapped(t)
+        ):
+            return False
+    return True
+
+
 def layer_forward(
     x: Tensor,
     router_weight: Tensor,
@@ -425,7 +446,7 @@ def layer_forward(
     The caller checks :func:`unsupported` first (and :func:`layer_applies` for the speed).
     """
     check_expert_shapes(x, gate_up, down)
-    num_experts, hidden, inter = down.shape
+    num_experts, hidden, _ = down.shape
     check_shapes(
         ("the router weight (gate.weight)", router_weight, (num_experts, hidden)),
         ("the router bias (e_score_correction_bias)", bias, (num_experts,)),
@@ -433,32 +454,73 @@ def layer_forward(
     )
     if shared is not None:
         check_mlp_shapes(x, *shared)
-    x = x.contiguous()
-    tokens = x.shape[0]
-    pairs = tokens * top_k
-    # kept in names: each must stay alive through the C call
-    router_weight, gate_up, down = router_weight.contiguous(), gate_up.contiguous(), down.contiguous()
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
-    shared = None if shared is None else tuple(t.contiguous() for t in shared)
-    inter_shared = 0 if shared is None else shared[0].shape[0]
-    logits = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
-    scores = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
-    ids = torch.empty(tokens, top_k, dtype=torch.int64)  # [T, K]
-    w = torch.empty(tokens, top_k, dtype=torch.float32)  # [T, K]
-    out = torch.empty(tokens, hidden, dtype=torch.float32)  # [T, H]
-    work = torch.empty(  # offsets, order (int64), the [T*K, H] slots, the shared output, scratch
-        2 * (num_experts + 1) + 2 * pairs + pairs * hidden + tokens * hidden
-        + _ROWS_PER_PASS * 3 * max(inter, inter_shared),
-        dtype=torch.float32,
+    return layer_call(
+        x.contiguous(),
+        router_weight.contiguous(),
+        None if bias is None else bias.to(torch.float32).contiguous(),
+        gate_up.contiguous(),
+        down.contiguous(),
+        None if shared is None else tuple(t.contiguous() for t in shared),
+        top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor,
     )  # fmt: skip
+
+
+def layer_call(
+    x: Tensor,
+    router_weight: Tensor,
+    bias: Tensor | None,
+    gate_up: Tensor,
+    down: Tensor,
+    shared: tuple[Tensor, Tensor, Tensor] | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+    routing: bool = True,
+):
+    """:func:`layer_forward` without its checks: the C call and its buffers, nothing else.
+
+    Every tensor must already be contiguous float32 on the CPU with the shapes layer_forward
+    names (x may be [..., H]: its tokens are its rows): the C code reads them by those sizes, so
+    anything else reads the wrong memory. ``MoE.forward`` calls it after one cheap check of all
+    of that (:func:`readable` and the shapes), since at one token every microsecond of Python is
+    a percent of the call. With ``routing=False`` the router's outputs stay in the scratch and only
+    ``out`` (x's shape) is returned; else ``(out, logits, scores, topk_weights, topk_indices)``.
+    None for a tie (see layer_forward).
+    """
+    num_experts, hidden, inter = down.shape
+    tokens = x.numel() // hidden
+    pairs = tokens * top_k
+    inter_shared = 0 if shared is None else shared[0].shape[0]
+    out = torch.empty_like(x)  # [..., H] (x is contiguous: so is out)
+    # the C scratch: offsets, order (int64), the [T*K, H] slots, the shared output, the rows' scratch
+    scratch = 2 * (num_experts + 1) + 2 * pairs + pairs * hidden + tokens * hidden
+    scratch += _ROWS_PER_PASS * 3 * max(inter, inter_shared)
+    if routing:
+        logits = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
+        scores = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
+        ids = torch.empty(tokens, top_k, dtype=torch.int64)  # [T, K]
+        w = torch.empty(tokens, top_k, dtype=torch.float32)  # [T, K]
+        work = torch.empty(scratch, dtype=torch.float32)
+        at = (logits.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), work.data_ptr())
+    else:  # ids [T, K] int64, logits and scores [T, E], w [T, K], then the scratch (8-byte aligned)
+        routed = 2 * pairs + 2 * tokens * num_experts + pairs + pairs % 2
+        work = torch.empty(routed + scratch, dtype=torch.float32)
+        ids_at = work.data_ptr()
+        logits_at = ids_at + 8 * pairs
+        scores_at = logits_at + 4 * tokens * num_experts
+        at = (logits_at, scores_at, ids_at, scores_at + 4 * tokens * num_experts, ids_at + 4 * routed)
     tie = _lib.moe_layer(
         x.data_ptr(), tokens, hidden, router_weight.data_ptr(), None if bias is None else bias.data_ptr(),
         num_experts, top_k, n_group, topk_group, int(norm_topk_prob), routed_scaling_factor,
         gate_up.data_ptr(), down.data_ptr(), inter,
         *((None, None, None) if shared is None else (t.data_ptr() for t in shared)), inter_shared,
-        logits.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), out.data_ptr(), work.data_ptr(),
+        *at[:4], out.data_ptr(), at[4],
     )  # fmt: skip
-    return None if tie else (out, logits, scores, w, ids)
+    if tie:
+        return None
+    return (out, logits, scores, w, ids) if routing else out
 
 
 class _FusedExperts(torch.autograd.Function):

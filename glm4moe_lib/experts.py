@@ -24,6 +24,13 @@ from .config import MoEConfig
 ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
+def _plain_call(module: nn.Module | None) -> bool:
+    """Whether calling ``module`` runs just its class's forward: no hooks, nothing patched in."""
+    return module is None or not (
+        module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+    )
+
+
 class MLP(nn.Module):
     """A SwiGLU MLP with transformers' names (gate_proj, up_proj, down_proj): the shared expert."""
 
@@ -37,7 +44,12 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [..., H] -> [..., H]
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         cpu_kernel.check_mlp_shapes(x, *weights)  # a clear error, not one from inside a matmul
-        if cpu_kernel.mlp_applies(x, *weights, self.act_fn):  # a few tokens, float32 CPU inference
+        if (
+            cpu_kernel.mlp_applies(x, *weights, self.act_fn)  # a few tokens, float32 CPU inference
+            and _plain_call(self.gate_proj)  # (a hook on a projection must see it run)
+            and _plain_call(self.up_proj)
+            and _plain_call(self.down_proj)
+        ):
             return cpu_kernel.swiglu_mlp(x, *weights)  # the same math in one C call
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 

@@ -15,15 +15,8 @@ from torch.nn.modules import module as _module
 
 from . import cpu_kernel
 from .config import MoEConfig
-from .experts import MLP, Experts
+from .experts import MLP, Experts, _plain_call
 from .router import RouterOutput, TopkRouter
-
-
-def _plain_call(module: nn.Module | None) -> bool:
-    """Whether calling ``module`` runs just its class's forward: no hooks, nothing patched in."""
-    return module is None or not (
-        module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-    )
 
 
 class MoE(nn.Module):
@@ -80,65 +73,92 @@ class MoE(nn.Module):
         self, hidden_states: Tensor, return_routing: bool = False
     ) -> Tensor | tuple[Tensor, RouterOutput]:
         """hidden_states [..., H] -> [..., H]; with ``return_routing`` also the RouterOutput."""
+        if not torch.is_grad_enabled():  # inference: a few tokens may take one C call
+            done = self._fused_cpu_forward(hidden_states, return_routing)
+            if done is not None:
+                return done
         self._check_input(hidden_states)
         orig_shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
-        fused = self._fused_cpu_forward(x) if x.is_cpu and not torch.is_grad_enabled() else None
-        if fused is not None:
-            out, routing = fused
-        else:
-            routing = self.gate(x)
-            self._check_expert_count(routing)
-            # the router's ids lie in [0, E) by construction: no range check (no host sync on GPUs)
-            out = self.experts(x, routing.topk_indices, routing.topk_weights, check_ids=False)  # [T, H]
-            if self.shared_experts is not None:
-                out = out + self.shared_experts(x)
+        routing = self.gate(x)
+        self._check_expert_count(routing)
+        # the router's ids lie in [0, E) by construction: no range check (no host sync on GPUs)
+        out = self.experts(x, routing.topk_indices, routing.topk_weights, check_ids=False)  # [T, H]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         out = out.reshape(orig_shape)
         return (out, routing) if return_routing else out
 
-    def _fused_cpu_forward(self, x: Tensor) -> tuple[Tensor, RouterOutput] | None:
+    def _fused_cpu_forward(self, x: Tensor, return_routing: bool):
         """The whole layer in one C call (router, experts, shared expert, combine) for float32
         CPU inference on a few tokens (``cpu_kernel.LAYER_MAX_TOKENS``), where the experts take
         ``fused_cpu`` anyway: the same math instead of some twenty torch ops, which at a token or
         two cost more than reading the weights. None where it does not apply (then the modules run
-        as usual): more tokens, softmax scoring, hooks on the submodules, a subclass, no kernel, or
-        a tie in the routing."""
-        c, gate, experts, shared = self.config, self.gate, self.experts, self.shared_experts
-        shared_weights = (
-            ()
-            if shared is None
-            else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-        )
+        as usual, and raise the errors): more tokens, softmax scoring, hooks on the submodules, a
+        subclass, tensors the kernel cannot read as they are (:func:`cpu_kernel.readable`), weights
+        of other shapes than the config's, no kernel, or a tie in the routing.
+
+        It runs on every inference call, and at one token each microsecond here is about 1% of
+        the call: so one pass of plain checks, then :func:`cpu_kernel.layer_call` (no more checks).
+        """
+        c = self.config
         if not (
             c.scoring_func == "sigmoid"
             and c.hidden_act == "silu"
             and c.dispatch in ("auto", "fused_cpu")
-            and cpu_kernel.layer_applies(x.shape[0], c.num_experts_per_tok)
-            and not torch.compiler.is_compiling()
-            and type(gate) is TopkRouter
-            and type(experts) is Experts
-            and (shared is None or (type(shared) is MLP and shared.act_fn is F.silu))
-            and all(map(_plain_call, (gate, experts, shared)))
-            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
-            and all(w.is_cpu and w.dtype is torch.float32 for w in (gate.weight, *shared_weights))
-            and cpu_kernel.unsupported(x, experts.gate_up_proj, experts.down_proj) is None
+            and isinstance(x, Tensor)
+            and x.dim() > 0
+            and x.shape[-1] == c.hidden_size
+            and cpu_kernel.layer_applies(x.numel() // c.hidden_size, c.num_experts_per_tok)
         ):
             return None
-        done = cpu_kernel.layer_forward(
-            x,
-            gate.weight,
-            gate.e_score_correction_bias,
-            experts.gate_up_proj,
-            experts.down_proj,
-            shared_weights or None,
-            c.num_experts_per_tok,
-            c.n_group,
-            c.topk_group,
-            c.norm_topk_prob,
-            c.routed_scaling_factor,
-        )
-        if done is None:  # a tie: torch's topk decides it
+        # the submodules and weights from nn.Module's own dicts: each attribute through
+        # nn.Module.__getattr__ costs about 1 µs, 1% of a one-token call
+        modules = self._modules
+        gate, experts, shared = modules.get("gate"), modules.get("experts"), modules.get("shared_experts")
+        if not (
+            type(gate) is TopkRouter
+            and type(experts) is Experts
+            and _plain_call(gate)
+            and _plain_call(experts)
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+            and not torch.compiler.is_compiling()
+        ):
             return None
+        e, h, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        weights = (
+            gate._parameters["weight"],  # [E, H]
+            gate._buffers["e_score_correction_bias"],  # [E]
+            experts._parameters["gate_up_proj"],  # [E, 2I, H]
+            experts._parameters["down_proj"],  # [E, H, I]
+        )
+        shapes = ((e, h), (e,), (e, 2 * i, h), (e, h, i))
+        if shared is not None:
+            if not (type(shared) is MLP and shared.act_fn is F.silu and _plain_call(shared)):
+                return None
+            lin = shared._modules
+            g, u, d = lin.get("gate_proj"), lin.get("up_proj"), lin.get("down_proj")
+            if not (
+                type(g) is type(u) is type(d) is nn.Linear
+                and _plain_call(g)
+                and _plain_call(u)
+                and _plain_call(d)
+            ):
+                return None
+            g, u, d = g._parameters["weight"], u._parameters["weight"], d._parameters["weight"]
+            weights += (g, u, d)  # [I_s, H], [I_s, H], [H, I_s]
+            shapes += ((g.shape[0], h), (g.shape[0], h), (h, g.shape[0]))
+        if not cpu_kernel.readable(x, *weights):
+            return None
+        for w, shape in zip(weights, shapes):  # weights replaced (through .data) by other shapes
+            if w.shape != shape:
+                return None
+        done = cpu_kernel.layer_call(
+            x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
+            c.norm_topk_prob, c.routed_scaling_factor, routing=return_routing,
+        )  # fmt: skip
+        if done is None or not return_routing:  # None: a tie, which torch's topk decides
+            return done
         out, logits, scores, weights, indices = done
         return out, RouterOutput(logits, scores, weights, indices)
 

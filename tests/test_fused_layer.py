@@ -51,16 +51,16 @@ def _modules_path(moe: MoE, x: torch.Tensor):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the layer's trips through cpu_kernel.layer_forward (and what they returned)."""
+    """Counts the layer's trips through the C call, cpu_kernel.layer_call (and what they returned)."""
     seen: list[bool] = []
-    real = cpu_kernel.layer_forward
+    real = cpu_kernel.layer_call
 
     def spy(*args, **kwargs):
         done = real(*args, **kwargs)
         seen.append(done is not None)
         return done
 
-    monkeypatch.setattr(cpu_kernel, "layer_forward", spy)
+    monkeypatch.setattr(cpu_kernel, "layer_call", spy)
     return seen
 
 
@@ -194,3 +194,47 @@ def test_only_where_it_applies(calls):
         assert calls == [True], "softmax scoring is routed by torch"
         moe.to(torch.bfloat16)(x.bfloat16())
         assert calls == [True], "bfloat16 runs the torch strategies"
+
+
+def test_steps_aside_for_weights_it_cannot_read_as_they_are(calls):
+    """The one C call reads raw memory: a weight that is not one contiguous float32 block (here
+    the same values, transposed in memory) sends the call to the modules, with the same result."""
+    moe, _ = _layers(CONFIGS["plain"])
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = moe(x)
+        assert calls == [True]
+        gate_up = moe.experts.gate_up_proj
+        gate_up.data = gate_up.data.transpose(1, 2).contiguous().transpose(1, 2)  # same shape and values
+        assert not gate_up.is_contiguous()
+        out = moe(x)
+    assert calls == [True], "a non-contiguous weight must not reach the C call"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_on_a_shared_projection_sees_it_run(calls):
+    moe, _ = _layers(CONFIGS["plain"])
+    seen = []
+    moe.shared_experts.up_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        moe(torch.randn(1, 64))
+    assert calls == [] and seen == [torch.Size([1, moe.shared_experts.up_proj.out_features])]
+
+
+def test_switched_off_at_run_time(calls, monkeypatch):
+    moe, _ = _layers(CONFIGS["plain"])
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        ref = moe(x)
+        monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+        out = moe(x)
+    assert calls == [True]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_tokens(calls):
+    moe, _ = _layers(CONFIGS["plain"])
+    with torch.no_grad():
+        out, routing = moe(torch.randn(0, 64), return_routing=True)
+        out3 = moe(torch.randn(2, 0, 64))
+    assert out.shape == (0, 64) and routing.topk_indices.shape == (0, 4) and out3.shape == (2, 0, 64)
