@@ -388,11 +388,12 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return y.reshape(*shape[:-1], down.shape[0])
 
 
-#: :func:`layer_forward` (the whole layer in one C call) runs up to this many tokens: beyond, the
-#: BLAS runs the router's and the shared expert's GEMMs faster than the kernel's few-token passes
-#: (measured at the bench size, 1 thread: the C router and shared expert are 1.5x faster at T=1,
-#: level at T=16, 1.6x and 1.8x slower at T=64 and 256)
-LAYER_MAX_TOKENS = 8
+#: ``MoE.forward`` runs the whole layer in one C call up to this many tokens (on one thread: see
+#: :func:`layer_applies`). Measured at the bench size, 1 thread, in the layer's real setting (each call
+#: streams tens of MB of expert weights, which evicts the router's and the shared expert's weights and
+#: torch's code from the caches): one C call 7-16% faster than the modules at T=12-32, level at T=48
+#: (three runs); for the small presets, whose weights stay in cache, 1.5-5x faster up to T=48.
+LAYER_MAX_TOKENS = 32
 
 
 def layer_applies(tokens: int, top_k: int) -> bool:

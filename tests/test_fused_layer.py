@@ -50,6 +50,15 @@ def _modules_path(moe: MoE, x: torch.Tensor):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread (the one-call path takes more tokens there: see layer_applies)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def calls(monkeypatch):
     """Counts the layer's trips through the C call, cpu_kernel.layer_call (and what they returned)."""
     seen: list[bool] = []
@@ -65,9 +74,9 @@ def calls(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
-@pytest.mark.parametrize("tokens", [1, 3, cpu_kernel.LAYER_MAX_TOKENS])
+@pytest.mark.parametrize("tokens", [1, 3, 8, cpu_kernel.LAYER_MAX_TOKENS])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_matches_the_modules_and_transformers(name, tokens, calls):
+def test_matches_the_modules_and_transformers(name, tokens, calls, one_thread):
     moe, hf = _layers(CONFIGS[name])
     x = torch.randn(tokens, moe.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
     with torch.no_grad():
@@ -109,7 +118,8 @@ def test_a_few_tokens_on_one_thread_only(calls):
             assert calls == [True]
             moe(torch.randn(cpu_kernel.LAYER_MAX_TOKENS + 1, 40))
             assert calls == [True]
-            assert cpu_kernel.layer_applies(8, 8) and not cpu_kernel.layer_applies(9, 8)
+            most = cpu_kernel.LAYER_MAX_TOKENS
+            assert cpu_kernel.layer_applies(most, 8) and not cpu_kernel.layer_applies(most + 1, 8)
             torch.set_num_threads(2)
             assert not cpu_kernel.layer_applies(8, 16)  # 128 pairs: two threads' worth
             assert cpu_kernel.layer_applies(8, 8)
