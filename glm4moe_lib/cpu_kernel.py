@@ -182,22 +182,31 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def readable(*tensors: Tensor, contiguous: bool = True) -> bool:
+    """Whether the kernel can read ``tensors`` and nothing is watching: each a plain (no subclass,
+    no functorch wrapper) float32 CPU tensor, contiguous unless ``contiguous=False`` (the caller
+    copies), no TorchDispatchMode and no CPU autocast on, the kernel built and switched on. One
+    pass, cheap: it runs on every call (:func:`unsupported` says which condition failed)."""
+    for t in tensors:
+        if not (
+            type(t) in _PLAIN
+            and t.is_cpu
+            and t.dtype is torch.float32
+            and (t.is_contiguous() or not contiguous)
+            and not _is_wrapped(t)
+        ):
+            return False
+    if _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or _switched_off():
+        return False
+    return _lib is not None or load_kernel() is not None  # (built on first use: only for tensors it can take)
+
+
 def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn=F.silu) -> str | None:
     """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler,
     plain tensors, and no TorchDispatchMode watching (a FLOP counter or an op counter would not
     see inside the C call, so under one the torch strategies run). Cheap: it runs on every call."""
     tensors = (hidden_states, gate_up_proj, down_proj)
-    if (
-        all(
-            type(t) in _PLAIN and t.is_cpu and t.dtype is torch.float32 and not _is_wrapped(t)
-            for t in tensors
-        )
-        and act_fn is F.silu
-        and _get_current_dispatch_mode() is None
-        and not torch.is_autocast_enabled("cpu")
-        and (_lib is not None or load_kernel() is not None)
-        and not _switched_off()
-    ):
+    if act_fn is F.silu and readable(*tensors, contiguous=False):
         return None  # the common case, checked in one pass; below, which condition failed
     if _get_current_dispatch_mode() is not None:
         return (
@@ -399,27 +408,6 @@ LAYER_MAX_TOKENS = 32
 def layer_applies(tokens: int, top_k: int) -> bool:
     """Whether :func:`layer_forward` should run a call on ``tokens`` tokens (inference)."""
     return tokens <= LAYER_MAX_TOKENS and _threads(tokens * top_k) == 1
-
-
-def readable(*tensors: Tensor) -> bool:
-    """Whether the kernel can read ``tensors`` where they lie and nothing is watching: each a plain
-    (no subclass, no functorch wrapper), contiguous float32 CPU tensor, no TorchDispatchMode and no
-    CPU autocast on, the kernel built and switched on. The whole check of the one-token fast path,
-    in one pass (:func:`unsupported` says which condition failed)."""
-    if _lib is None and load_kernel() is None:
-        return False
-    if _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or _switched_off():
-        return False
-    for t in tensors:
-        if not (
-            type(t) in _PLAIN
-            and t.is_cpu
-            and t.dtype is torch.float32
-            and t.is_contiguous()
-            and not _is_wrapped(t)
-        ):
-            return False
-    return True
 
 
 def layer_forward(

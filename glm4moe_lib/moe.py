@@ -134,18 +134,14 @@ class MoE(nn.Module):
         )
         shapes = ((e, h), (e,), (e, 2 * i, h), (e, h, i))
         if shared is not None:
-            if not (type(shared) is MLP and shared.act_fn is F.silu and _plain_call(shared)):
-                return None
-            lin = shared._modules
-            g, u, d = lin.get("gate_proj"), lin.get("up_proj"), lin.get("down_proj")
             if not (
-                type(g) is type(u) is type(d) is nn.Linear
-                and _plain_call(g)
-                and _plain_call(u)
-                and _plain_call(d)
+                type(shared) is MLP
+                and shared.act_fn is F.silu
+                and _plain_call(shared)
+                and shared.plain_projections()
             ):
                 return None
-            g, u, d = g._parameters["weight"], u._parameters["weight"], d._parameters["weight"]
+            g, u, d = (shared._modules[name]._parameters["weight"] for name in MLP.PROJECTIONS)
             weights += (g, u, d)  # [I_s, H], [I_s, H], [H, I_s]
             shapes += ((g.shape[0], h), (g.shape[0], h), (h, g.shape[0]))
         if not cpu_kernel.readable(x, *weights):
