@@ -400,9 +400,12 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
 #: ``MoE.forward`` runs the whole layer in one C call up to this many tokens (on one thread: see
 #: :func:`layer_applies`). Measured at the bench size, 1 thread, in the layer's real setting (each call
 #: streams tens of MB of expert weights, which evicts the router's and the shared expert's weights and
-#: torch's code from the caches): one C call 7-16% faster than the modules at T=12-32, level at T=48
-#: (three runs); for the small presets, whose weights stay in cache, 1.5-5x faster up to T=48.
-LAYER_MAX_TOKENS = 32
+#: torch's code from the caches): one C call 7-16% faster than the modules at T=12-32, about 7% at
+#: T=40-64 (1-13% over three runs, once passes of 5+ tokens read two rows at once), 2-4% at T=96,
+#: level at T=128-256; for the small presets, whose weights stay in cache, 1.4-3.5x faster at T=48-64.
+#: Hot and alone, the C shared expert is 1.2-1.4x slower than the BLAS at T=64 for H=512-5120: small
+#: next to the routed experts, which the kernel runs in either case.
+LAYER_MAX_TOKENS = 64
 
 
 def layer_applies(tokens: int, top_k: int) -> bool:
