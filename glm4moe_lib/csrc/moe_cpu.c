@@ -502,7 +502,10 @@ static int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weig
 /* Gradients are written, not read: streaming (non-temporal) stores, where the CPU has them, send
  * a cache line to memory without first reading it in (as a plain store must) and without evicting
  * the weights from the cache. Measured here: 96 MB of zeros in 1.2 ms, against 4.9 ms with
- * memset in expert-sized pieces. Elsewhere (no SSE2, e.g. ARM) they are plain stores. */
+ * memset in expert-sized pieces. Elsewhere (no SSE2, e.g. ARM) they are plain stores.
+ * Only a gradient written in one go is streamed (the expert's tokens fit one block): one that earlier
+ * blocks wrote is in the cache, and a streaming store to a cached line must first push it out.
+ * Measured: the backward 10-16% faster at T=64-1024 than streaming every last block, level at T=16. */
 static inline int streamable(const float *p) { return ((uintptr_t)p & 63) == 0; }
 
 /* *p = v for a cache-line-aligned p (see streamable), bypassing the cache where possible */
@@ -541,7 +544,7 @@ static inline __attribute__((always_inline)) void down_row_bwd(const float *row,
                                                                const float *const *a, float *const *da,
                                                                const float *dyj, float *yj, int first, int last) {
     const int64_t n1 = n - n % VL;
-    const int stream = last && streamable(grow); /* the row's final value: stream it out */
+    const int stream = first && last && streamable(grow); /* written once: stream it out (see streamable) */
     vec acc[RBB];
     for (int r = 0; r < NR; r++) acc[r] = (vec){0};
     for (int64_t i = 0; i < n1; i += VL) {
@@ -576,7 +579,7 @@ static inline __attribute__((always_inline)) void gate_up_row_bwd(const float *r
                                                                   const float *const *x, float *const *dx,
                                                                   const float *dhi, int first, int last) {
     const int64_t n1 = n - n % VL;
-    const int stream = last && streamable(grow);
+    const int stream = first && last && streamable(grow);
     for (int64_t h = 0; h < n1; h += VL) {
         const vec wv = load(row + h);
         vec gv = first ? (vec){0} : load(grow + h);
@@ -608,11 +611,10 @@ static inline __attribute__((always_inline)) void down_rows2_bwd(const float *ro
                                                                  const int NR, const float *const *a,
                                                                  float *const *da, const float *dy0,
                                                                  const float *dy1, float *y0, float *y1,
-                                                                 int first, int last) {
+                                                                 int first) {
     const float *row1 = row + n;
     float *grow1 = grow + n;
     const int64_t n1 = n - n % VL;
-    const int stream0 = last && streamable(grow), stream1 = last && streamable(grow1);
     vec acc0[RBB], acc1[RBB];
     for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = (vec){0};
     for (int64_t i = 0; i < n1; i += VL) {
@@ -629,14 +631,8 @@ static inline __attribute__((always_inline)) void down_rows2_bwd(const float *ro
             g0 += dy0[r] * av;
             g1 += dy1[r] * av;
         }
-        if (stream0)
-            store_stream(grow + i, g0);
-        else
-            *(vec_u *)(grow + i) = g0;
-        if (stream1)
-            store_stream(grow1 + i, g1);
-        else
-            *(vec_u *)(grow1 + i) = g1;
+        *(vec_u *)(grow + i) = g0; /* never streamed: only blocks after an expert's first come here */
+        *(vec_u *)(grow1 + i) = g1;
     }
     for (int r = 0; r < NR; r++) {
         y0[r] = hsum(acc0[r]);
@@ -662,11 +658,10 @@ static inline __attribute__((always_inline)) void down_rows2_bwd(const float *ro
 static inline __attribute__((always_inline)) void gate_up_rows2_bwd(const float *row, float *grow, int64_t n,
                                                                     const int NR, const float *const *x,
                                                                     float *const *dx, const float *dh0,
-                                                                    const float *dh1, int first, int last) {
+                                                                    const float *dh1, int first) {
     const float *row1 = row + n;
     float *grow1 = grow + n;
     const int64_t n1 = n - n % VL;
-    const int stream0 = last && streamable(grow), stream1 = last && streamable(grow1);
     for (int64_t h = 0; h < n1; h += VL) {
         const vec w0 = load(row + h), w1 = load(row1 + h);
         vec g0 = first ? (vec){0} : load(grow + h), g1 = first ? (vec){0} : load(grow1 + h);
@@ -679,14 +674,8 @@ static inline __attribute__((always_inline)) void gate_up_rows2_bwd(const float 
             g0 += dh0[r] * xv;
             g1 += dh1[r] * xv;
         }
-        if (stream0)
-            store_stream(grow + h, g0);
-        else
-            *(vec_u *)(grow + h) = g0;
-        if (stream1)
-            store_stream(grow1 + h, g1);
-        else
-            *(vec_u *)(grow1 + h) = g1;
+        *(vec_u *)(grow + h) = g0; /* never streamed: only blocks after an expert's first come here */
+        *(vec_u *)(grow1 + h) = g1;
     }
     for (int q = 0; q < 2; q++) {
         const float *rw = q ? row1 : row, *dh = q ? dh1 : dh0;
@@ -722,7 +711,7 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
             dy0[r] = wr[r] * gr[r][j];
             dy1[r] = wr[r] * gr[r][j + 1];
         }
-        down_rows2_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dy0, dy1, y0, y1, first, last);
+        down_rows2_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dy0, dy1, y0, y1, first);
         for (int r = 0; r < NR; r++) {
             dw_acc[r] += gr[r][j] * y0[r];
             dw_acc[r] += gr[r][j + 1] * y1[r];
@@ -752,7 +741,7 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
             dh0[r] = dh[r][i];
             dh1[r] = dh[r][i + 1];
         }
-        gate_up_rows2_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dh0, dh1, first, last);
+        gate_up_rows2_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dh0, dh1, first);
     }
 #endif
     for (; i < 2 * I; i++) { /* one row at a time */
