@@ -103,7 +103,8 @@ class MoE(nn.Module):
         """
         c = self.config
         if not (
-            c.scoring_func == "sigmoid"
+            not torch.compiler.is_compiling()  # first: under compile, layer_applies would break the graph
+            and c.scoring_func == "sigmoid"
             and c.hidden_act == "silu"
             and c.dispatch in ("auto", "fused_cpu")
             and isinstance(x, Tensor)
@@ -122,7 +123,6 @@ class MoE(nn.Module):
             and _plain_call(gate)
             and _plain_call(experts)
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
-            and not torch.compiler.is_compiling()
         ):
             return None
         e, h, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size

@@ -220,6 +220,22 @@ def test_compiled_layer_equals_eager():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_small_batches_trace_whole():
+    """CPU inference at T·K <= 16E compiles to one graph (fullgraph: a graph break is an error):
+    the one-C-call check steps aside before anything Dynamo cannot trace (it once broke the
+    graph at torch.get_num_threads on every call)."""
+    from glm4moe_lib import MoE, MoEConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4))
+    compiled = torch.compile(moe, dynamic=False, fullgraph=True)
+    for tokens in (1, 24):  # gather_bmm, sorted_gather
+        x = torch.randn(tokens, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), moe(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_layer_equals_eager_cuda_bf16():
     """On CUDA in bf16, torch.compile traces gather_bmm (T=1) and grouped_mm (T=64) whole."""
