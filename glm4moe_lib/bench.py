@@ -18,6 +18,13 @@ ratio to the limit. The contenders:
   that got a token). For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
   also writes each touched weight's gradient once.
 
+The ``decode`` mode is the forward of one token (a decoding step) with its weights coming from
+memory, as in a model whose layers together are far larger than the CPU's caches: each call runs
+the next of ``DECODE_COPIES`` copies of every contender on the next of ``DECODE_TOKENS`` tokens, so
+between two calls on one copy the other copies push its weights out of the caches; the limit's
+GEMMs and read rotate over as many copies of their operands. The ``forward`` row at T=1 calls one
+layer on one token again and again: its 8 experts' weights stay in cache there.
+
 Forward rows on a CPU also time ``floor:expert_gemms``: each touched expert's two GEMMs on its
 rows with the inputs ready, i.e. what the BLAS needs for these shapes before any dispatch work.
 Forward+backward rows also time ``floor:dense_grads``: allocating and zero-filling one dense
@@ -30,6 +37,7 @@ the zero-fill itself.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -51,7 +59,14 @@ from .moe import MoE
 FULL_TOKENS = (1, 16, 64, 256, 1024, 4096)
 QUICK_TOKENS = (1, 16, 256)
 ROUTINGS = ("balanced", "skewed")
-MODES = ("forward", "fwd+bwd")
+MODES = ("forward", "fwd+bwd", "decode")
+#: decode rows: one token per call, this many copies of each contender (and of the limit's operands)
+#: called in turn: at T=1 the bench layer reads about 7 MB per call, so 6 copies stream 44 MB between
+#: two calls on one copy, more than this CPU's 32 MB L3 (a GPU's L2 is smaller still)
+DECODE_COPIES = 6
+#: decode rows: the tokens cycled through (prime to DECODE_COPIES: each copy sees every token)
+DECODE_TOKENS = 61
+DECODE_MAX_TOKENS = 1
 HF_IMPLS = ("eager", "grouped_mm")
 #: the library strategies timed by default ("dense" is O(T·E) work: only up to DENSE_MAX_TOKENS)
 LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "fused_cpu", "dense")
@@ -248,6 +263,27 @@ def _dense_grads_step(layer: torch.nn.Module) -> Callable[[], None]:
     return step
 
 
+def _in_turn(steps: Sequence[Callable[[], None]]) -> Callable[[], None]:
+    """One call of the next of ``steps`` per call, round-robin (decode rows: cold weights)."""
+    turn = itertools.count()
+
+    def step() -> None:
+        steps[next(turn) % len(steps)]()
+
+    return step
+
+
+def _decode_steps(layers: Sequence[torch.nn.Module], xs: Tensor) -> Callable[[], None]:
+    """Forward of one token per call: copy ``k % len(layers)`` on token ``k % len(xs)``."""
+    count = len(layers) * len(xs)
+    return _in_turn(
+        [
+            _layer_step(layers[k % len(layers)], xs[k % len(xs)][None], "forward", xs[0][None])
+            for k in range(count)
+        ]
+    )
+
+
 def measure_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """A GPU's two ceilings, measured once: dense GEMM FLOP/s and device-memory bytes/s.
 
@@ -363,7 +399,7 @@ def time_interleaved(
 def run(
     tokens: Sequence[int] = FULL_TOKENS,
     routings: Sequence[str] = ROUTINGS,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] | None = None,
     config: MoEConfig | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -383,6 +419,8 @@ def run(
     (:func:`~glm4moe_lib.device.keep_freed_cpu_memory`), so no contender's backward is timed
     page-faulting fresh gradient memory; process-wide, so every contender runs alike.
     ``compile_layer``: also time the forward through ``torch.compile`` (``lib:auto+compile``).
+    ``modes``: default all of MODES on a CPU; on a GPU not ``decode``, whose copies of every
+    contender would take DECODE_COPIES times the memory (ask for it by name).
     """
     config = config or PRESETS["bench"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -390,6 +428,8 @@ def run(
     if device.type == "cpu" and keep_cpu_memory and keep_freed_cpu_memory():
         malloc = "keep freed blocks (glibc mallopt)"
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if modes is None:
+        modes = MODES if device.type == "cpu" else tuple(m for m in MODES if m != "decode")
     for s in strategies:
         if s != "auto" and s not in STRATEGIES:
             raise ValueError(f"strategies contains {s!r}: use 'auto' or one of {sorted(STRATEGIES)}")
@@ -408,10 +448,14 @@ def run(
     peaks = measure_peaks(device, dtype) if device.type == "cuda" else None
     # forward: also the layer through torch.compile (on a CPU Inductor fuses the small-T gather path)
     compiled = torch.compile(lib, dynamic=False) if compile_layer else None
+    # decode rows: more copies of every contender, called in turn (their weights come from memory)
+    copies = [(lib, hf_layers)]
+    if "decode" in modes and any(t <= DECODE_MAX_TOKENS for t in tokens):
+        copies += [build_layers(config, device, dtype, hf_impls) for _ in range(DECODE_COPIES - 1)]
     rows: list[dict[str, Any]] = []
     started = time.time()
     for routing in routings:
-        set_routing([lib, *hf_layers.values()], routing)
+        set_routing([layer for c, h in copies for layer in (c, *h.values())], routing)
         for t in tokens:
             gen = torch.Generator(device="cpu").manual_seed(seed + t)
             x = torch.randn(t, config.hidden_size, generator=gen).to(device=device, dtype=dtype)
@@ -424,8 +468,12 @@ def run(
                     for impl, layer in hf_layers.items()
                 }
             touched = int((counts > 0).sum())
+            # decode rows: DECODE_TOKENS tokens in turn (x is the first)
+            xs = torch.cat([x, torch.randn(DECODE_TOKENS - 1, config.hidden_size, generator=gen).to(x)])
             for mode in modes:
-                with torch.set_grad_enabled(mode != "forward"):  # as the timed calls run
+                if mode == "decode" and not 0 < t <= DECODE_MAX_TOKENS:
+                    continue  # with more tokens per call most experts' weights come from memory anyway
+                with torch.set_grad_enabled(mode == "fwd+bwd"):  # as the timed calls run
                     auto = choose_strategy(
                         x, routing_out.topk_indices, config.n_routed_experts, lib.experts.act_fn
                     )
@@ -446,12 +494,19 @@ def run(
                         and t * config.num_experts_per_tok > GATHER_MAX_PAIRS * config.n_routed_experts
                     ):
                         continue
-                    if s in ("loop", "sorted") and mode != "forward" and t > LOOPS_BWD_MAX_TOKENS:
+                    if s in ("loop", "sorted") and mode == "fwd+bwd" and t > LOOPS_BWD_MAX_TOKENS:
                         continue
-                    layer = lib if s == "auto" else _with_strategy(lib, s)
-                    steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
+                    if mode == "decode":
+                        layers = [c if s == "auto" else _with_strategy(c, s) for c, _ in copies]
+                        steps[f"lib:{s}"] = _decode_steps(layers, xs)
+                    else:
+                        layer = lib if s == "auto" else _with_strategy(lib, s)
+                        steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
                 for impl, layer in hf_layers.items():
-                    steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
+                    if mode == "decode":
+                        steps[f"hf:{impl}"] = _decode_steps([h[impl] for _, h in copies], xs)
+                    else:
+                        steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
                 if compiled is not None and mode == "forward" and t > 0 and "lib:auto" in steps:
                     try:
                         steps["lib:auto+compile"] = _compiled_step(compiled, x)
@@ -465,13 +520,20 @@ def run(
                                 steps[f"{name}+graph"] = _graphed_step(layers[name], x)
                             except RuntimeError as exc:  # a host sync inside: not capturable
                                 skipped[name] = str(exc).splitlines()[0][:200]
-                flops_step, bytes_step, flops, nbytes = limit_steps(config, t, touched, mode, device, dtype)
+                limit_mode = "forward" if mode == "decode" else mode
+                flops_step, bytes_step, flops, nbytes = limit_steps(
+                    config, t, touched, limit_mode, device, dtype
+                )
+                if mode == "decode" and peaks is None:  # as many copies of the limit's operands, in turn
+                    more = [limit_steps(config, t, touched, limit_mode, device, dtype) for _ in copies[1:]]
+                    flops_step = _in_turn([flops_step, *(m[0] for m in more)])
+                    bytes_step = _in_turn([bytes_step, *(m[1] for m in more)])
                 if peaks is None:
                     steps["limit:flops"] = flops_step
                     steps["limit:bytes"] = bytes_step
-                if mode != "forward":  # not part of the limit: what a dense .grad costs by itself
+                if mode == "fwd+bwd":  # not part of the limit: what a dense .grad costs by itself
                     steps["floor:dense_grads"] = _dense_grads_step(lib)
-                elif device.type == "cpu" and t > 0:  # (on a GPU these would time kernel launches)
+                elif mode == "forward" and device.type == "cpu" and t > 0:  # (on a GPU: kernel launches)
                     steps["floor:expert_gemms"] = _expert_gemms_step(lib, counts)
                 timings = time_interleaved(steps, device, repeats, min_sample_s, clock)
                 if peaks is not None:
@@ -627,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = run(
         tokens=args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS),
         routings=args.routing or (("balanced",) if quick else ROUTINGS),
-        modes=args.modes or MODES,
+        modes=args.modes,
         config=PRESETS[args.preset],
         device=args.device,
         strategies=args.strategies

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from glm4moe_lib import MoE, MoEConfig, bench, dispatch
-from glm4moe_lib.config import DISPATCH_STRATEGIES
+from glm4moe_lib.config import DISPATCH_STRATEGIES, PRESETS
 from glm4moe_lib.dispatch import STRATEGIES, choose_strategy, dense_reference, dispatch_combine
 
 H, INTER = 32, 16  # widths multiples of 8 (grouped_mm's alignment on CUDA)
@@ -333,11 +333,41 @@ def _run_bench_main(out):
     )
 
 
+def test_decode_steps_take_the_copies_and_tokens_in_turn():
+    """Decode rows call copy k % copies on token k % tokens: every copy sees every token, and
+    between two calls on one copy all the others run (so its weights leave the caches)."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            seen.append((self.name, int(x[0, 0])))
+            return x
+
+    xs = torch.arange(3.0)[:, None].expand(3, 4)  # token k holds k
+    step = bench._decode_steps([Probe("a"), Probe("b")], xs)
+    for _ in range(7):
+        step()
+    assert seen == [("a", 0), ("b", 1), ("a", 2), ("b", 0), ("a", 1), ("b", 2), ("a", 0)]
+
+
+def test_bench_names_an_unknown_mode():
+    with pytest.raises(ValueError, match="modes contains 'cold': use one of"):
+        bench.run(tokens=(1,), modes=("cold",), config=PRESETS["tiny"], device="cpu")
+
+
 def _check_bench_json(out):
     data = json.loads(out.read_text())
     assert {"torch", "device", "dtype", "config", "repeats"} <= set(data["meta"])
     rows = data["results"]
-    assert len(rows) == 2 * 2 * 2  # tokens x routings x modes
+    cpu = data["meta"]["device"] == "cpu"
+    # tokens x routings x (forward, fwd+bwd), and on a CPU decode (T=1 only) x routings
+    assert len(rows) == 2 * 2 * 2 + (2 if cpu else 0)
+    decode = [r for r in rows if r["mode"] == "decode"]
+    assert all(r["tokens"] <= bench.DECODE_MAX_TOKENS for r in decode) and len(decode) == (2 if cpu else 0)
     for r in rows:
         assert r["mode"] in bench.MODES and r["routing"] in bench.ROUTINGS
         assert r["auto_strategy"] in STRATEGIES
