@@ -66,7 +66,6 @@ MODES = ("forward", "fwd+bwd", "decode")
 DECODE_COPIES = 6
 #: decode rows: the tokens cycled through (prime to DECODE_COPIES: each copy sees every token)
 DECODE_TOKENS = 61
-DECODE_MAX_TOKENS = 1
 HF_IMPLS = ("eager", "grouped_mm")
 #: the library strategies timed by default ("dense" is O(T·E) work: only up to DENSE_MAX_TOKENS)
 LIB_STRATEGIES = ("auto", "loop", "sorted", "gather_bmm", "padded", "grouped_mm", "fused_cpu", "dense")
@@ -450,7 +449,7 @@ def run(
     compiled = torch.compile(lib, dynamic=False) if compile_layer else None
     # decode rows: more copies of every contender, called in turn (their weights come from memory)
     copies = [(lib, hf_layers)]
-    if "decode" in modes and any(t <= DECODE_MAX_TOKENS for t in tokens):
+    if "decode" in modes and 1 in tokens:
         copies += [build_layers(config, device, dtype, hf_impls) for _ in range(DECODE_COPIES - 1)]
     rows: list[dict[str, Any]] = []
     started = time.time()
@@ -468,11 +467,11 @@ def run(
                     for impl, layer in hf_layers.items()
                 }
             touched = int((counts > 0).sum())
-            # decode rows: DECODE_TOKENS tokens in turn (x is the first)
-            xs = torch.cat([x, torch.randn(DECODE_TOKENS - 1, config.hidden_size, generator=gen).to(x)])
+            if t == 1:  # decode rows: DECODE_TOKENS tokens in turn (x is the first)
+                xs = torch.cat([x, torch.randn(DECODE_TOKENS - 1, config.hidden_size, generator=gen).to(x)])
             for mode in modes:
-                if mode == "decode" and not 0 < t <= DECODE_MAX_TOKENS:
-                    continue  # with more tokens per call most experts' weights come from memory anyway
+                if mode == "decode" and t != 1:
+                    continue  # one token per call; with more most experts' weights come from memory anyway
                 with torch.set_grad_enabled(mode == "fwd+bwd"):  # as the timed calls run
                     auto = choose_strategy(
                         x, routing_out.topk_indices, config.n_routed_experts, lib.experts.act_fn
@@ -661,7 +660,9 @@ def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m glm4moe_lib.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"T in {QUICK_TOKENS}, fewer repeats (seconds)")
+    p.add_argument(
+        "--quick", action="store_true", help=f"T in {QUICK_TOKENS}, fewer repeats, no decode rows (seconds)"
+    )
     p.add_argument("--tokens", type=int, nargs="+", help="token counts (default: all or quick)")
     p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=None)
@@ -689,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = run(
         tokens=args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS),
         routings=args.routing or (("balanced",) if quick else ROUTINGS),
-        modes=args.modes,
+        modes=args.modes or (("forward", "fwd+bwd") if quick else None),
         config=PRESETS[args.preset],
         device=args.device,
         strategies=args.strategies
