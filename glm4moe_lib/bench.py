@@ -283,6 +283,21 @@ def _decode_steps(layers: Sequence[torch.nn.Module], xs: Tensor) -> Callable[[],
     )
 
 
+def _contender_step(
+    pick: Callable[[MoE, dict[str, torch.nn.Module]], torch.nn.Module],
+    copies: Sequence[tuple[MoE, dict[str, torch.nn.Module]]],
+    mode: str,
+    x: Tensor,
+    xs: Tensor | None,
+    grad_out: Tensor,
+) -> Callable[[], None]:
+    """The timed step of one contender, ``pick(lib, hf_layers)`` of the first copy; in decode rows,
+    of every copy in turn on the tokens ``xs``."""
+    if mode == "decode":
+        return _decode_steps([pick(c, h) for c, h in copies], xs)
+    return _layer_step(pick(*copies[0]), x, mode, grad_out)
+
+
 def measure_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """A GPU's two ceilings, measured once: dense GEMM FLOP/s and device-memory bytes/s.
 
@@ -469,7 +484,8 @@ def run(
                     for impl, layer in hf_layers.items()
                 }
             touched = int((counts > 0).sum())
-            if t == 1:  # decode rows: DECODE_TOKENS tokens in turn (x is the first)
+            xs = None  # decode rows (T=1): DECODE_TOKENS tokens in turn, x the first
+            if t == 1:
                 xs = torch.cat([x, torch.randn(DECODE_TOKENS - 1, config.hidden_size, generator=gen).to(x)])
             for mode in modes:
                 if mode == "decode" and t != 1:
@@ -497,17 +513,12 @@ def run(
                         continue
                     if s in ("loop", "sorted") and mode == "fwd+bwd" and t > LOOPS_BWD_MAX_TOKENS:
                         continue
-                    if mode == "decode":
-                        layers = [c if s == "auto" else _with_strategy(c, s) for c, _ in copies]
-                        steps[f"lib:{s}"] = _decode_steps(layers, xs)
-                    else:
-                        layer = lib if s == "auto" else _with_strategy(lib, s)
-                        steps[f"lib:{s}"] = _layer_step(layer, x, mode, grad_out)
-                for impl, layer in hf_layers.items():
-                    if mode == "decode":
-                        steps[f"hf:{impl}"] = _decode_steps([h[impl] for _, h in copies], xs)
-                    else:
-                        steps[f"hf:{impl}"] = _layer_step(layer, x, mode, grad_out)
+                    pick = (lambda c, h: c) if s == "auto" else (lambda c, h, s=s: _with_strategy(c, s))
+                    steps[f"lib:{s}"] = _contender_step(pick, copies, mode, x, xs, grad_out)
+                for impl in hf_layers:
+                    steps[f"hf:{impl}"] = _contender_step(
+                        lambda c, h, i=impl: h[i], copies, mode, x, xs, grad_out
+                    )
                 if compiled is not None and mode == "forward" and t > 0 and "lib:auto" in steps:
                     try:
                         steps["lib:auto+compile"] = _compiled_step(compiled, x)
