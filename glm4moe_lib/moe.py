@@ -73,10 +73,9 @@ class MoE(nn.Module):
         self, hidden_states: Tensor, return_routing: bool = False
     ) -> Tensor | tuple[Tensor, RouterOutput]:
         """hidden_states [..., H] -> [..., H]; with ``return_routing`` also the RouterOutput."""
-        if not torch.is_grad_enabled():  # inference: a few tokens may take one C call
-            done = self._fused_cpu_forward(hidden_states, return_routing)
-            if done is not None:
-                return done
+        done = self._fused_cpu_forward(hidden_states, return_routing)  # a few tokens: one C call
+        if done is not None:
+            return done
         self._check_input(hidden_states)
         orig_shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
@@ -91,15 +90,18 @@ class MoE(nn.Module):
 
     def _fused_cpu_forward(self, x: Tensor, return_routing: bool):
         """The whole layer in one C call (router, experts, shared expert, combine) for float32
-        CPU inference on a few tokens (``cpu_kernel.LAYER_MAX_TOKENS``), where the experts take
+        CPU work on a few tokens (``cpu_kernel.LAYER_MAX_TOKENS``), where the experts take
         ``fused_cpu`` anyway: the same math instead of some twenty torch ops, which at a token or
-        two cost more than reading the weights. None where it does not apply (then the modules run
-        as usual, and raise the errors): more tokens, softmax scoring, hooks on the submodules, a
-        subclass, tensors the kernel cannot read as they are (:func:`cpu_kernel.readable`), weights
-        of other shapes than the config's, no kernel, or a tie in the routing.
+        two cost more than reading the weights. With gradients (up to
+        ``cpu_kernel.TRAIN_MAX_TOKENS``, not with ``return_routing``, whose logits and scores a
+        loss may use) the backward is one C call too. None where it does not apply (then the
+        modules run as usual, and raise the errors): more tokens, softmax scoring, hooks on the
+        submodules, a subclass, tensors the kernel cannot read as they are
+        (:func:`cpu_kernel.readable`), weights of other shapes than the config's, no kernel, or a
+        tie in the routing.
 
-        It runs on every inference call, and at one token each microsecond here is about 1% of
-        the call: so one pass of plain checks, then :func:`cpu_kernel.layer_call` (no more checks).
+        It runs on every call, and at one token each microsecond here is about 1% of the call:
+        so one pass of plain checks, then :func:`cpu_kernel.layer_call` (no more checks).
         """
         c = self.config
         if not (
@@ -149,6 +151,14 @@ class MoE(nn.Module):
         for w, shape in zip(weights, shapes):  # weights replaced (through .data) by other shapes
             if w.shape != shape:
                 return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            if return_routing or x.numel() > cpu_kernel.TRAIN_MAX_TOKENS * c.hidden_size:
+                return None
+            out = cpu_kernel.layer_train_call(
+                x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
+                c.norm_topk_prob, c.routed_scaling_factor,
+            )  # fmt: skip
+            return out
         done = cpu_kernel.layer_call(
             x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
             c.norm_topk_prob, c.routed_scaling_factor, routing=return_routing,

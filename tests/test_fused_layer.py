@@ -1,7 +1,8 @@
-"""The whole MoE layer through the C kernel (``MoE._fused_cpu_forward``): float32 CPU inference
-at small batches runs the router, the experts, the shared expert and the combine in C. It must
-give what the modules give (and transformers' layer), route exactly as torch does, hand ties back
-to torch, and stand aside wherever the modules must run (gradients, hooks, softmax, other sizes)."""
+"""The whole MoE layer through the C kernel (``MoE._fused_cpu_forward``): float32 CPU work at
+small batches runs the router, the experts, the shared expert and the combine in C (with gradients,
+the backward too). It must give what the modules give (and transformers' layer, outputs and
+gradients), route exactly as torch does, hand ties back to torch, and stand aside wherever the
+modules must run (routing returned with gradients, hooks, softmax, other sizes)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,21 @@ def calls(monkeypatch):
         return done
 
     monkeypatch.setattr(cpu_kernel, "layer_call", spy)
+    return seen
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Counts the layer's trips through the C training call, cpu_kernel.layer_train_call."""
+    seen: list[bool] = []
+    real = cpu_kernel.layer_train_call
+
+    def spy(*args, **kwargs):
+        done = real(*args, **kwargs)
+        seen.append(done is not None)
+        return done
+
+    monkeypatch.setattr(cpu_kernel, "layer_train_call", spy)
     return seen
 
 
@@ -183,7 +199,7 @@ def test_router_in_c_equals_torch_on_many_tokens():
 def test_only_where_it_applies(calls):
     moe, _ = _layers(CONFIGS["plain"])
     x = torch.randn(4, 64)
-    out = moe(x)  # gradients on: the modules run (autograd through the experts' own kernel)
+    out = moe(x)  # gradients on: the training call (see the tests below), not the inference one
     assert calls == [] and out.grad_fn is not None
     with torch.no_grad():
         seen = []
@@ -248,3 +264,114 @@ def test_no_tokens(calls):
         out, routing = moe(torch.randn(0, 64), return_routing=True)
         out3 = moe(torch.randn(2, 0, 64))
     assert out.shape == (0, 64) and routing.topk_indices.shape == (0, 4) and out3.shape == (2, 0, 64)
+
+
+# ---- with gradients: the forward and the backward each one C call ---------------------------------
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("tokens", [1, 3, 8, cpu_kernel.TRAIN_MAX_TOKENS])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_training_matches_the_modules_and_transformers(name, tokens, train_calls, one_thread):
+    """Output, input gradient and every parameter's gradient: against the layer's own modules
+    (torch router and shared expert under autograd) and transformers' Glm4MoeMoE."""
+    moe, hf = _layers(CONFIGS[name])
+    ref = MoE(moe.config)  # the same weights, run by its modules (return_routing keeps them)
+    ref.load_state_dict(moe.state_dict())
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, moe.config.hidden_size, generator=gen)
+    g = torch.randn(tokens, moe.config.hidden_size, generator=gen)
+    xs = [x.clone().requires_grad_(True) for _ in range(3)]
+    out = moe(xs[0])
+    assert train_calls == [True], "the fused training call did not run"
+    out_ref, _ = ref(xs[1], return_routing=True)
+    out_hf = hf(xs[2].unsqueeze(0)).squeeze(0)
+    assert train_calls == [True]
+    for y in (out, out_ref, out_hf):
+        y.backward(g)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_hf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[2].grad, rtol=1e-4, atol=1e-5)
+    ours, theirs, hf_grads = _grads(moe), _grads(ref), _grads(hf)
+    assert set(ours) == set(theirs) == {n for n, _ in moe.named_parameters()}
+    c = moe.config
+    if c.num_experts_per_tok == 1 and c.norm_topk_prob:  # w = s / s = 1: the router's gradient is 0
+        assert ours.pop("gate.weight").abs().max() < 1e-6 * ours["experts.down_proj"].abs().max()  # rounding
+    else:
+        assert ours["gate.weight"].abs().sum() > 0, "the router must get a gradient"
+    for n in ours:
+        scale = theirs[n].abs().max().clamp_min(1e-6)  # relative to the gradient's size
+        torch.testing.assert_close(ours[n] / scale, theirs[n] / scale, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(ours[n] / scale, hf_grads[n] / scale, rtol=1e-4, atol=1e-5, msg=n)
+    untouched = torch.ones(c.n_routed_experts, dtype=torch.bool)
+    with torch.no_grad():
+        chosen = moe.gate(x).topk_indices.unique()
+    untouched[chosen] = False
+    assert torch.equal(
+        moe.experts.down_proj.grad[untouched], torch.zeros_like(moe.experts.down_proj[untouched])
+    )
+    assert torch.equal(moe.gate.weight.grad[untouched], torch.zeros_like(moe.gate.weight[untouched]))
+
+
+def test_training_bench_layer_leading_dimensions_and_accumulation(train_calls, one_thread):
+    """[2, 3, H] input, a non-leaf input, two backward passes adding into .grad, frozen weights."""
+    moe = MoE(preset("bench"))
+    ref = MoE(moe.config)
+    ref.load_state_dict(moe.state_dict())
+    x = torch.randn(2, 3, 512)
+    for layer, routing in ((moe, False), (ref, True)):
+        for step in range(2):
+            xin = (x * (step + 1)).requires_grad_(True)
+            out = layer(xin * 1.0, return_routing=routing)  # a non-leaf input
+            out = out[0] if routing else out
+            assert out.shape == x.shape
+            out.pow(2).sum().backward()
+    assert train_calls == [True, True]
+    for n, p in moe.named_parameters():
+        q = dict(ref.named_parameters())[n]
+        scale = q.grad.abs().max()
+        torch.testing.assert_close(p.grad / scale, q.grad / scale, rtol=1e-4, atol=1e-5, msg=n)
+    # frozen experts and router: only the shared expert and the input get gradients
+    moe.zero_grad(set_to_none=True)
+    moe.gate.weight.requires_grad_(False)
+    moe.experts.requires_grad_(False)
+    xin = x.clone().requires_grad_(True)
+    moe(xin).sum().backward()
+    assert train_calls == [True, True, True]
+    assert moe.gate.weight.grad is None and moe.experts.gate_up_proj.grad is None
+    assert moe.shared_experts.down_proj.weight.grad is not None and xin.grad is not None
+
+
+def test_training_stands_aside(train_calls, calls, one_thread):
+    """return_routing (a loss may use its logits and scores), more tokens, ties: the modules run,
+    with the same gradients; nothing requiring a gradient: the inference call."""
+    moe, _ = _layers(CONFIGS["plain"])
+    x = torch.randn(4, 64, requires_grad=True)
+    out, routing = moe(x, return_routing=True)
+    assert train_calls == [] and routing.logits.grad_fn is not None
+    moe(torch.randn(cpu_kernel.TRAIN_MAX_TOKENS + 1, 64, requires_grad=True))
+    assert train_calls == []
+    moe.gate.e_score_correction_bias.zero_()
+    tie = torch.zeros(3, 64, requires_grad=True)  # every score 0.5: a tie, which torch decides
+    out = moe(tie)
+    assert train_calls == [False] and out.grad_fn is not None
+    out.sum().backward()
+    assert tie.grad is not None and tie.grad.isfinite().all()
+    moe.requires_grad_(False)
+    moe(torch.randn(2, 64))  # gradients on, but nothing needs one
+    assert train_calls == [False] and calls == [True]
+
+
+def test_training_no_tokens(train_calls, one_thread):
+    moe, _ = _layers(CONFIGS["plain"])
+    x = torch.randn(0, 64, requires_grad=True)
+    out = moe(x)
+    out.sum().backward()
+    assert out.shape == (0, 64) and x.grad.shape == (0, 64)
+    assert torch.equal(moe.experts.gate_up_proj.grad, torch.zeros_like(moe.experts.gate_up_proj))
+    assert torch.equal(moe.gate.weight.grad, torch.zeros_like(moe.gate.weight))

@@ -377,22 +377,29 @@ void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, i
     }
 }
 
-/* y[t] = down @ (silu(gate @ x[t]) * (up @ x[t])) for t < T: a SwiGLU MLP (the shared expert)
- * with gate, up [I, H] and down [H, I]; scratch holds RB * 3 * I floats. */
-void mlp_forward(const float *x, int64_t T, const float *gate, const float *up, const float *down,
-                 int64_t H, int64_t I, float *y, float *scratch) {
+/* mlp_forward, keeping each token's gate and up pre-activations in hsave [T, 2I] if not NULL */
+static void mlp_rows(const float *x, int64_t T, const float *gate, const float *up, const float *down, int64_t H,
+                     int64_t I, float *y, float *scratch, float *hsave) {
     float *g[RB], *a[RB];
     split_scratch(scratch, I, g, a);
     for (int64_t t = 0; t < T; t += RB) {
         const int nr = (int)(T - t < RB ? T - t : RB);
         const float *xr[RB];
-        float *yr[RB];
+        float *yr[RB], *hr[RB];
         for (int r = 0; r < nr; r++) {
             xr[r] = x + (t + r) * H;
             yr[r] = y + (t + r) * H;
+            hr[r] = hsave ? hsave + (t + r) * 2 * I : NULL;
         }
-        swiglu_rows(gate, up, down, H, I, xr, nr, yr, g, a, NULL, NULL);
+        swiglu_rows(gate, up, down, H, I, xr, nr, yr, g, a, hsave ? hr : NULL, NULL);
     }
+}
+
+/* y[t] = down @ (silu(gate @ x[t]) * (up @ x[t])) for t < T: a SwiGLU MLP (the shared expert)
+ * with gate, up [I, H] and down [H, I]; scratch holds RB * 3 * I floats. */
+void mlp_forward(const float *x, int64_t T, const float *gate, const float *up, const float *down,
+                 int64_t H, int64_t I, float *y, float *scratch) {
+    mlp_rows(x, T, gate, up, down, H, I, y, scratch, NULL);
 }
 
 /* out[t] = sum_k w[t, k] * y[t*K + k] for the T tokens, summed in slot order, then + add[t]
@@ -692,9 +699,11 @@ static inline __attribute__((always_inline)) void gate_up_rows2_bwd(const float 
     }
 }
 
-/* The two passes of one block of NR pairs of one expert (see moe_experts_bwd) */
+/* The two passes of one block of NR pairs of one expert (see moe_experts_bwd): gate and up [I, H] (the
+ * two halves of gate_up_proj, or the shared expert's gate_proj and up_proj), down [H, I] */
 static inline __attribute__((always_inline)) void expert_block_bwd(
-    const float *gu, const float *dn, float *dgu, float *ddn, int64_t H, int64_t I, const int NR,
+    const float *gate, const float *up, const float *dn, float *dgate, float *dup, float *ddn, int64_t H, int64_t I,
+    const int NR,
     const float *const *xr, const float *const *gr, const float *wr, const float *const *hr,
     float *const *dxr, float *dwr, float *const *a, float *const *da, float *const *dh, int first, int last) {
     for (int r = 0; r < NR; r++)
@@ -734,21 +743,47 @@ static inline __attribute__((always_inline)) void expert_block_bwd(
         }
         for (int64_t h = 0; h < H; h++) dxr[r][h] = 0.0f;
     }
-    int64_t i = 0;
+    for (int half = 0; half < 2; half++) { /* one pass over the gate rows [I, H], then the up rows */
+        const float *w = half ? up : gate;
+        float *gw = half ? dup : dgate;
+        const int64_t at = half * I; /* where this half's dh starts */
+        int64_t i = 0;
 #if ROWS2
-    for (; !first && i + 1 < 2 * I; i += 2) { /* one pass over gate_up_proj [2I, H], two rows at a time */
-        float dh0[RBB], dh1[RBB];
-        for (int r = 0; r < NR; r++) {
-            dh0[r] = dh[r][i];
-            dh1[r] = dh[r][i + 1];
+        for (; !first && i + 1 < I; i += 2) { /* two rows at a time */
+            float dh0[RBB], dh1[RBB];
+            for (int r = 0; r < NR; r++) {
+                dh0[r] = dh[r][at + i];
+                dh1[r] = dh[r][at + i + 1];
+            }
+            gate_up_rows2_bwd(w + i * H, gw + i * H, H, NR, xr, dxr, dh0, dh1);
         }
-        gate_up_rows2_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dh0, dh1);
-    }
 #endif
-    for (; i < 2 * I; i++) { /* one row at a time */
-        float dhi[RBB];
-        for (int r = 0; r < NR; r++) dhi[r] = dh[r][i];
-        gate_up_row_bwd(gu + i * H, dgu + i * H, H, NR, xr, dxr, dhi, first, last);
+        for (; i < I; i++) { /* one row at a time */
+            float dhi[RBB];
+            for (int r = 0; r < NR; r++) dhi[r] = dh[r][at + i];
+            gate_up_row_bwd(w + i * H, gw + i * H, H, NR, xr, dxr, dhi, first, last);
+        }
+    }
+}
+
+/* expert_block_bwd for nr <= RBB pairs, with nr a constant in each copy: the per-pair values stay in registers */
+static void block_bwd(const float *gate, const float *up, const float *dn, float *dgate, float *dup, float *ddn,
+                      int64_t H, int64_t I, int nr, const float *const *xr, const float *const *gr, const float *wr,
+                      const float *const *hr, float *const *dxr, float *dwr, float *const *a, float *const *da,
+                      float *const *dh, int first, int last) {
+    switch (nr) {
+    case 1: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 1, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    case 2: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 2, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    case 3: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 3, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    default: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 4, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    }
+}
+
+static void split_scratch_bwd(float *scratch, int64_t I, float **a, float **da, float **dh) {
+    for (int r = 0; r < RBB; r++) {
+        a[r] = scratch + r * I;
+        da[r] = scratch + RBB * I + r * I;
+        dh[r] = scratch + 2 * RBB * I + r * 2 * I;
     }
 }
 
@@ -762,11 +797,7 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
                      const float *hsave, int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up,
                      float *d_down, float *scratch) {
     float *a[RBB], *da[RBB], *dh[RBB];
-    for (int r = 0; r < RBB; r++) {
-        a[r] = scratch + r * I;
-        da[r] = scratch + RBB * I + r * I;
-        dh[r] = scratch + 2 * RBB * I + r * 2 * I;
-    }
+    split_scratch_bwd(scratch, I, a, da, dh);
     for (int64_t e = e0; e < e1; e++) {
         const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
         float *dgu = d_gate_up + e * 2 * I * H, *ddn = d_down + e * H * I;
@@ -788,12 +819,8 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
                 dxr[r] = dx_slots + slot * H;
             }
             const int first = p == offsets[e], last = p + RBB >= offsets[e + 1];
-            switch (nr) { /* a constant row count: the per-pair values stay in registers */
-            case 1: expert_block_bwd(gu, dn, dgu, ddn, H, I, 1, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
-            case 2: expert_block_bwd(gu, dn, dgu, ddn, H, I, 2, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
-            case 3: expert_block_bwd(gu, dn, dgu, ddn, H, I, 3, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
-            default: expert_block_bwd(gu, dn, dgu, ddn, H, I, 4, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
-            }
+            block_bwd(gu, gu + I * H, dn, dgu, dgu + I * H, ddn, H, I, nr, xr, gr, wr, hr, dxr, dwr, a, da, dh, first,
+                      last);
             for (int r = 0; r < nr; r++) dw[order[p + r]] = dwr[r];
         }
     }
@@ -818,7 +845,100 @@ int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, c
     float *y = (float *)(order + T * K), *shared = y + T * K * H, *scratch = shared + T * H;
     moe_sort(ids, T * K, E, offsets, order);
     moe_experts(x, order, offsets, 0, E, K, gate_up, down, H, I, y, scratch, NULL);
-    if (sh_gate) mlp_forward(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch);
+    if (sh_gate) mlp_rows(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch, NULL);
     moe_combine(y, w, T, K, H, sh_gate ? shared : NULL, out);
     return 0;
+}
+
+/* ---- the whole layer for training (one thread) ------------------------------------------------ */
+
+/* moe_layer keeping what moe_layer_bwd needs: offsets [E+1] and order [T*K] (as moe_sort), hsave
+ * [T*K, 2I] (each pair's gate and up pre-activations) and sh_hsave [T, 2Is] (the shared expert's; unused
+ * without one), beside scores [T, E], ids and w [T, K]. logits [T, E] may be scratch.
+ * work: at least T * K * H + T * H + RB_MAX * 3 * max(I, Is) floats. Returns what moe_layer returns. */
+int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
+                        int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
+                        const float *down, int64_t I, const float *sh_gate, const float *sh_up,
+                        const float *sh_down, int64_t Is, float *logits, float *scores, int64_t *ids, float *w,
+                        int64_t *offsets, int64_t *order, float *hsave, float *sh_hsave, float *out, float *work) {
+    const int64_t tie =
+        moe_route(x, T, H, router_w, bias, E, K, n_group, topk_group, norm, scale, logits, scores, ids, w);
+    if (tie) return tie;
+    float *y = work, *shared = y + T * K * H, *scratch = shared + T * H;
+    moe_sort(ids, T * K, E, offsets, order);
+    moe_experts(x, order, offsets, 0, E, K, gate_up, down, H, I, y, scratch, hsave);
+    if (sh_gate) mlp_rows(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch, sh_hsave);
+    moe_combine(y, w, T, K, H, sh_gate ? shared : NULL, out);
+    return 0;
+}
+
+/* The backward of moe_layer_train, given grad = d out [T, H] and what it kept:
+ *   routed experts: moe_experts_bwd (d_gate_up, d_down; each pair's d x and d w);
+ *   shared expert: the same blocks over its T tokens with weight 1 (d_sh_gate, d_sh_up, d_sh_down);
+ *   router: w = scale * s / (sum_k s_k + 1e-20) (or scale * s without norm) with s = sigmoid(logits) at
+ *   the chosen experts, so d logit = d s * s * (1 - s); d_router [E, H] += d logit * x (zero for the rows
+ *   no token chose), d x += d logit * router row. The choice itself (selection bias, groups) has no
+ *   gradient, as in torch.
+ * Out: dx [T, H] (the three parts summed), d_router [E, H], d_gate_up, d_down (every expert's: zeros
+ * for untouched ones), d_sh_* (unused without a shared expert).
+ * work: at least T * K * H + T * K + T * H + RBB * 4 * max(I, Is) floats. */
+void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, int64_t E, int64_t K, int norm,
+                   float scale, const float *gate_up, const float *down, int64_t I, const float *sh_gate,
+                   const float *sh_up, const float *sh_down, int64_t Is, const float *scores, const int64_t *ids,
+                   const float *w, const int64_t *offsets, const int64_t *order, const float *hsave,
+                   const float *sh_hsave, const float *grad, float *dx, float *d_router, float *d_gate_up,
+                   float *d_down, float *d_sh_gate, float *d_sh_up, float *d_sh_down, float *work) {
+    float *dx_slots = work, *dw = dx_slots + T * K * H, *dx_sh = dw + T * K, *scratch = dx_sh + T * H;
+    moe_experts_bwd(x, order, offsets, 0, E, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
+                    d_down, scratch);
+    if (sh_gate) {
+        float *a[RBB], *da[RBB], *dh[RBB];
+        split_scratch_bwd(scratch, Is, a, da, dh);
+        for (int64_t t = 0; t < T; t += RBB) {
+            const int nr = (int)(T - t < RBB ? T - t : RBB);
+            const float *xr[RBB], *gr[RBB], *hr[RBB];
+            float wr[RBB], *dxr[RBB], dwr[RBB];
+            for (int r = 0; r < nr; r++) {
+                xr[r] = x + (t + r) * H;
+                gr[r] = grad + (t + r) * H;
+                hr[r] = sh_hsave + (t + r) * 2 * Is;
+                wr[r] = 1.0f;
+                dxr[r] = dx_sh + (t + r) * H;
+            }
+            block_bwd(sh_gate, sh_up, sh_down, d_sh_gate, d_sh_up, d_sh_down, H, Is, nr, xr, gr, wr, hr, dxr, dwr,
+                      a, da, dh, t == 0, t + RBB >= T);
+        }
+        stream_fence();
+    }
+    memset(d_router, 0, (size_t)(E * H) * sizeof *d_router);
+    for (int64_t t = 0; t < T; t++) {
+        float *dxt = dx + t * H;
+        const float *xt = x + t * H;
+        for (int64_t h = 0; h < H; h++) dxt[h] = sh_gate ? dx_sh[t * H + h] : 0.0f;
+        for (int64_t k = 0; k < K; k++) { /* the routed experts' parts, in slot order */
+            const float *d = dx_slots + (t * K + k) * H;
+            for (int64_t h = 0; h < H; h++) dxt[h] += d[h];
+        }
+        const int64_t *it = ids + t * K;
+        const float *gw = dw + t * K;
+        float sum = 0.0f, dot = 0.0f; /* sum_k s_k and sum_k d w_k * s_k */
+        for (int64_t k = 0; k < K; k++) {
+            const float s = scores[t * E + it[k]];
+            sum += s;
+            dot += gw[k] * s;
+        }
+        const float denom = sum + 1e-20f;
+        for (int64_t k = 0; k < K; k++) {
+            const float s = scores[t * E + it[k]];
+            /* d s_k: through w_k = scale * s_k / denom (the denominator holds every s_j) or scale * s_k */
+            const float ds = norm ? scale * (gw[k] / denom - dot / (denom * denom)) : scale * gw[k];
+            const float dl = ds * s * (1.0f - s);
+            float *dr = d_router + it[k] * H;
+            const float *wrow = router_w + it[k] * H;
+            for (int64_t h = 0; h < H; h++) {
+                dr[h] += dl * xt[h];
+                dxt[h] += dl * wrow[h];
+            }
+        }
+    }
 }
