@@ -453,6 +453,22 @@ def test_backward_kernel_equals_dense_reference_on_bigger_batches(case):
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden, inter", [(40, 24), (512, 128), (37, 19)])
+def test_backward_at_the_block_boundaries(hidden, inter):
+    """Experts with 8 tokens (one block), 9 (blocks of 4: 4, 4, 1), 5, 1 and none, with widths that
+    leave columns after the vector strips (40, 24, 37, 19) or that fill several tiles of rows (512)."""
+    counts = [8, 9, 5, 1, 0]
+    idx = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])[torch.randperm(23)].unsqueeze(1)
+    x, _, w, gu, dn = _problem(23, len(counts), 1, hidden, inter, grad=True)
+    g_out = torch.randn_like(x)
+    grads = torch.autograd.grad(cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn), (x, w, gu, dn), g_out)
+    refs = torch.autograd.grad(dense_reference(x, idx, w, gu, dn), (x, w, gu, dn), g_out)
+    for name, a, b in zip(("x", "weights", "gate_up", "down"), grads, refs):
+        _grad_close(a, b, name)
+    assert grads[2][4].abs().max() == 0 and grads[3][4].abs().max() == 0
+
+
+@needs_kernel
 def test_backward_same_with_any_thread_count_and_only_the_asked_gradients():
     x, idx, w, gu, dn = _problem(400, 16, 4, 64, 32, skew=True, grad=True)
     g_out = torch.randn_like(x)

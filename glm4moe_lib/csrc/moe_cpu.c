@@ -35,18 +35,14 @@ typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, 
 #endif
 #endif
 #define RB_MAX 8 /* cpu_kernel.py sizes the scratch for this many */
-/* Backward blocks after an expert's first read its weights from cache (L2): there two neighbouring
- * rows at a time (fewer loads and stores per multiply-add), where the CPU has 32 vector registers.
- * Measured: backward 4-6% faster at T=256, 17% at T=1024; in the first block, which reads the weights
- * from memory, two rows at once were up to 1.6x slower (as in the forward, see rows_dot). */
-#ifndef ROWS2
-#if defined(__AVX512F__)
-#define ROWS2 1
-#else
-#define ROWS2 0
-#endif
-#endif
-#define RBB 4    /* the same for the backward (measured: 8 is 8% slower at T=256, no faster below) */
+/* Pairs per block in the backward: an expert with up to RBB of them takes them all in one pass over its
+ * weights; one with more, blocks of RBB_MANY (whose weights and gradients then come from the cache).
+ * Measured (1 thread, in-process A/B, bench layer): one block of up to 8 instead of blocks of 4 makes the
+ * backward 20-24% faster at T=64-128 (weights from memory), level at T=16; blocks of 4 for more tokens
+ * are 5-10% faster than blocks of 8 (the small preset at T=64-1024, weights in cache; 4% at T=1024). */
+#define RBB 8
+#define RBB_MANY 4
+_Static_assert(RBB <= RB_MAX, "cpu_kernel.py sizes the backward scratch for RB_MAX pairs");
 _Static_assert(RB >= 1 && RB <= RB_MAX, "RB must be between 1 and RB_MAX");
 
 static inline vec load(const float *p) { return *(const vec_u *)p; }
@@ -512,8 +508,8 @@ static int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weig
  * memset in expert-sized pieces. Elsewhere (no SSE2, e.g. ARM) they are plain stores.
  * Only a gradient written in one go is streamed (the expert's tokens fit one block): one that earlier
  * blocks wrote is in the cache, and a streaming store to a cached line must first push it out.
- * Measured: the backward 12-17% faster at T=64-256 and about 5% at T=1024 than streaming every last
- * block, level at T=16. */
+ * Measured (with the row-at-a-time kernel before the strips below): the backward 12-17% faster at
+ * T=64-256 and about 5% at T=1024 than streaming every last block, level at T=16. */
 static inline int streamable(const float *p) { return ((uintptr_t)p & 63) == 0; }
 
 /* *p = v for a cache-line-aligned p (see streamable), bypassing the cache where possible */
@@ -546,224 +542,141 @@ static void zero_stream(float *p, int64_t n) {
     for (; i < n; i++) p[i] = 0.0f;
 }
 
-/* One row j of an expert's down_proj, for NR pairs: y_r = row . a_r (for d w), da_r += dy_r[j] * row,
- * and the row's gradient = sum_r dy_r[j] * a_r (written if first, else added). */
-static inline __attribute__((always_inline)) void down_row_bwd(const float *row, float *grow, int64_t n, const int NR,
-                                                               const float *const *a, float *const *da,
-                                                               const float *dyj, float *yj, int first, int last) {
-    const int64_t n1 = n - n % VL;
-    const int stream = first && last && streamable(grow); /* written once: stream it out (see streamable) */
-    vec acc[RBB];
-    for (int r = 0; r < NR; r++) acc[r] = (vec){0};
-    for (int64_t i = 0; i < n1; i += VL) {
-        const vec wv = load(row + i);
-        vec gv = first ? (vec){0} : load(grow + i);
-        for (int r = 0; r < NR; r++) {
-            const vec av = load(a[r] + i);
-            acc[r] += wv * av;
-            *(vec_u *)(da[r] + i) = load(da[r] + i) + dyj[r] * wv;
-            gv += dyj[r] * av;
-        }
-        if (stream)
-            store_stream(grow + i, gv);
-        else
-            *(vec_u *)(grow + i) = gv;
-    }
-    for (int r = 0; r < NR; r++) yj[r] = hsum(acc[r]);
-    for (int64_t i = n1; i < n; i++) {
-        float gs = first ? 0.0f : grow[i];
-        for (int r = 0; r < NR; r++) {
-            yj[r] += row[i] * a[r][i];
-            da[r][i] += dyj[r] * row[i];
-            gs += dyj[r] * a[r][i];
-        }
-        grow[i] = gs;
-    }
-}
+/* The backward reads each weight in strips of columns (nv vectors: 8 for one pair, 4 for two, 2 for up
+ * to 4, 1 for more), a tile of rows (about TILE_BYTES) at a time: for every row of the tile each pair's
+ * part of d x (or of down^T g) on the strip stays in registers (narrower strips without AVX-512), where reading whole rows one at a time
+ * loads and stores each pair's d x for every row (five stores per eight multiply-adds). Measured (1
+ * thread, in-process A/B against that row kernel, which read later blocks two rows at a time): backward
+ * 19-27% faster at T=64-128 for the bench layer (with one block for up to 8 pairs, see RBB), 4% at T=256
+ * (20% skewed), 13% at T=1024, level at T=1-16; 14-20% for the small preset (weights in cache) at
+ * T=16-1024. Tiles of 8-16 KB measured alike, 32 KB up to 14% slower from memory; without the prefetch
+ * of the next tile 15-25% slower from memory (a strip reads one piece of each row: too far apart for
+ * the hardware prefetcher). */
+#define CV_MAX 8
+#define TILE_BYTES 16384
 
-/* One row i of an expert's gate_up_proj, for NR pairs: dx_r += dh_r[i] * row, and the row's
- * gradient = sum_r dh_r[i] * x_r (written if first, else added). */
-static inline __attribute__((always_inline)) void gate_up_row_bwd(const float *row, float *grow, int64_t n, const int NR,
-                                                                  const float *const *x, float *const *dx,
-                                                                  const float *dhi, int first, int last) {
-    const int64_t n1 = n - n % VL;
-    const int stream = first && last && streamable(grow);
-    for (int64_t h = 0; h < n1; h += VL) {
-        const vec wv = load(row + h);
-        vec gv = first ? (vec){0} : load(grow + h);
-        for (int r = 0; r < NR; r++) {
-            *(vec_u *)(dx[r] + h) = load(dx[r] + h) + dhi[r] * wv;
-            gv += dhi[r] * load(x[r] + h);
+/* Rows [i0, i1) of one strip of columns [c, c + nv*VL) of a weight w [rows, n] for NR pairs,
+ * the strip's sums in registers:
+ *     acc_r[strip] += sum_i coef_r[at + i] * w[i, strip]
+ *     d w[i, strip] = sum_r gscale_r coef_r[at + i] * right_r[strip]   (written if first, else added)
+ * gate_up: coef = d h, gscale = 1, right = x, acc = d x. down: coef = g (d out), gscale = w (the routing
+ * weight), right = a, acc = down^T g. */
+static inline __attribute__((always_inline)) void strip_bwd(const float *w, float *gw, int64_t n, int64_t i0,
+                                                            int64_t i1, int64_t c, const int nv, const int NR,
+                                                            const float *const *right, float *const *acc_mem,
+                                                            const float *const *coef, int64_t at, const float *gscale,
+                                                            int first, int stream) {
+    vec acc[RBB][CV_MAX], rv[RBB][CV_MAX];
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < nv; v++) {
+            acc[r][v] = load(acc_mem[r] + c + v * VL);
+            rv[r][v] = load(right[r] + c + v * VL);
         }
-        if (stream)
-            store_stream(grow + h, gv);
-        else
-            *(vec_u *)(grow + h) = gv;
-    }
-    for (int64_t h = n1; h < n; h++) {
-        float gs = first ? 0.0f : grow[h];
+    const float *row = w + i0 * n + c;
+    float *grow = gw + i0 * n + c;
+    for (int64_t i = i0; i < i1; i++, row += n, grow += n) {
+        float d[RBB], dg[RBB];
         for (int r = 0; r < NR; r++) {
-            dx[r][h] += dhi[r] * row[h];
-            gs += dhi[r] * x[r][h];
+            d[r] = coef[r][at + i];
+            dg[r] = gscale[r] * d[r];
         }
-        grow[h] = gs;
-    }
-}
-
-/* down_row_bwd for two neighbouring rows (row, row + n) at once: each a, da and dy vector is
- * loaded once for both rows, and da is read and written once (updated by row, then by row + n:
- * the same order, so bitwise the same as two calls). Only blocks after an expert's first use it (and
- * gate_up_rows2_bwd): they add to the gradient rows earlier blocks wrote. Both repeat the one-row
- * functions on purpose: one function over a constant row count (1 or 2) gave the same bits but
- * measured 8-25% slower in the backward (GCC 12, in-process A/B at T=64-1024). */
-static inline __attribute__((always_inline)) void down_rows2_bwd(const float *row, float *grow, int64_t n,
-                                                                 const int NR, const float *const *a,
-                                                                 float *const *da, const float *dy0,
-                                                                 const float *dy1, float *y0, float *y1) {
-    const float *row1 = row + n;
-    float *grow1 = grow + n;
-    const int64_t n1 = n - n % VL;
-    vec acc0[RBB], acc1[RBB];
-    for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = (vec){0};
-    for (int64_t i = 0; i < n1; i += VL) {
-        const vec w0 = load(row + i), w1 = load(row1 + i);
-        vec g0 = load(grow + i), g1 = load(grow1 + i); /* added to what earlier blocks wrote */
-        for (int r = 0; r < NR; r++) {
-            const vec av = load(a[r] + i);
-            acc0[r] += w0 * av;
-            acc1[r] += w1 * av;
-            vec d = load(da[r] + i);
-            d += dy0[r] * w0;
-            d += dy1[r] * w1;
-            *(vec_u *)(da[r] + i) = d;
-            g0 += dy0[r] * av;
-            g1 += dy1[r] * av;
-        }
-        *(vec_u *)(grow + i) = g0; /* not streamed: the line is in the cache (see streamable) */
-        *(vec_u *)(grow1 + i) = g1;
-    }
-    for (int r = 0; r < NR; r++) {
-        y0[r] = hsum(acc0[r]);
-        y1[r] = hsum(acc1[r]);
-    }
-    for (int q = 0; q < 2; q++) { /* the last n % VL columns, row by row */
-        const float *rw = q ? row1 : row, *dy = q ? dy1 : dy0;
-        float *gw = q ? grow1 : grow, *y = q ? y1 : y0;
-        for (int64_t i = n1; i < n; i++) {
-            float gs = gw[i];
+        for (int v = 0; v < nv; v++) {
+            const vec wv = load(row + v * VL);
+            vec g = first ? (vec){0} : load(grow + v * VL);
             for (int r = 0; r < NR; r++) {
-                y[r] += rw[i] * a[r][i];
-                da[r][i] += dy[r] * rw[i];
-                gs += dy[r] * a[r][i];
+                acc[r][v] += d[r] * wv;
+                g += dg[r] * rv[r][v];
             }
-            gw[i] = gs;
+            if (stream)
+                store_stream(grow + v * VL, g);
+            else
+                *(vec_u *)(grow + v * VL) = g;
         }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < nv; v++) *(vec_u *)(acc_mem[r] + c + v * VL) = acc[r][v];
+}
+
+/* strip_bwd over a whole weight [rows, n]: tiles of about TILE_BYTES of rows (read from memory about in
+ * order, the next tile prefetched into L2 a piece per strip while this one runs), each by strips, then
+ * the last n % VL columns one by one */
+static inline __attribute__((always_inline)) void weight_bwd(const float *w, float *gw, int64_t rows, int64_t n,
+                                                             const int NR, const float *const *right,
+                                                             float *const *acc_mem, const float *const *coef,
+                                                             int64_t at, const float *gscale, int first, int last) {
+    const int stream = first && last && streamable(gw) && n % VL == 0;
+    int64_t tile = TILE_BYTES / (int64_t)(n * sizeof(float));
+    if (tile < 1) tile = 1;
+#if defined(__AVX512F__)
+    const int nvm = NR == 1 ? 8 : NR == 2 ? 4 : NR <= 4 ? 2 : 1; /* 2 * NR * nvm of 32 registers */
+#else /* a vec is 2 (AVX) or 4 (SSE, NEON) registers */
+    const int nvm = NR == 1 ? 2 : 1;
+#endif
+    const int64_t strips = (n + nvm * VL - 1) / (nvm * VL);
+    for (int64_t i0 = 0; i0 < rows; i0 += tile) {
+        const int64_t i1 = i0 + tile < rows ? i0 + tile : rows;
+        const char *pf = (const char *)(w + i1 * n);
+        const char *pf_end = (const char *)(w + (i1 + tile < rows ? i1 + tile : rows) * n);
+        const int64_t pf_step = ((pf_end - pf) / 64 + strips - 1) / strips * 64; /* bytes per strip */
+        int64_t c = 0;
+        for (; c + nvm * VL <= n; c += nvm * VL) {
+            for (const char *q = pf; q < pf + pf_step && q < pf_end; q += 64) __builtin_prefetch(q, 0, 2);
+            pf += pf_step;
+            switch (nvm) {
+            case 8: strip_bwd(w, gw, n, i0, i1, c, 8, NR, right, acc_mem, coef, at, gscale, first, stream); break;
+            case 4: strip_bwd(w, gw, n, i0, i1, c, 4, NR, right, acc_mem, coef, at, gscale, first, stream); break;
+            case 2: strip_bwd(w, gw, n, i0, i1, c, 2, NR, right, acc_mem, coef, at, gscale, first, stream); break;
+            default: strip_bwd(w, gw, n, i0, i1, c, 1, NR, right, acc_mem, coef, at, gscale, first, stream); break;
+            }
+        }
+        for (; c + VL <= n; c += VL)
+            strip_bwd(w, gw, n, i0, i1, c, 1, NR, right, acc_mem, coef, at, gscale, first, stream);
+        for (; c < n; c++)
+            for (int64_t i = i0; i < i1; i++) {
+                const float wv = w[i * n + c];
+                float g = first ? 0.0f : gw[i * n + c];
+                for (int r = 0; r < NR; r++) {
+                    acc_mem[r][c] = madd(coef[r][at + i], wv, acc_mem[r][c]);
+                    g = madd(gscale[r] * coef[r][at + i], right[r][c], g);
+                }
+                gw[i * n + c] = g;
+            }
     }
 }
 
-/* gate_up_row_bwd for two neighbouring rows (row, row + n) at once: each x and dx vector loaded once
- * for both, dx read and written once (bitwise the same as two calls, as down_rows2_bwd). */
-static inline __attribute__((always_inline)) void gate_up_rows2_bwd(const float *row, float *grow, int64_t n,
-                                                                    const int NR, const float *const *x,
-                                                                    float *const *dx, const float *dh0,
-                                                                    const float *dh1) {
-    const float *row1 = row + n;
-    float *grow1 = grow + n;
-    const int64_t n1 = n - n % VL;
-    for (int64_t h = 0; h < n1; h += VL) {
-        const vec w0 = load(row + h), w1 = load(row1 + h);
-        vec g0 = load(grow + h), g1 = load(grow1 + h);
-        for (int r = 0; r < NR; r++) {
-            vec d = load(dx[r] + h);
-            d += dh0[r] * w0;
-            d += dh1[r] * w1;
-            *(vec_u *)(dx[r] + h) = d;
-            const vec xv = load(x[r] + h);
-            g0 += dh0[r] * xv;
-            g1 += dh1[r] * xv;
-        }
-        *(vec_u *)(grow + h) = g0;
-        *(vec_u *)(grow1 + h) = g1;
-    }
-    for (int q = 0; q < 2; q++) {
-        const float *rw = q ? row1 : row, *dh = q ? dh1 : dh0;
-        float *gw = q ? grow1 : grow;
-        for (int64_t h = n1; h < n; h++) {
-            float gs = gw[h];
-            for (int r = 0; r < NR; r++) {
-                dx[r][h] += dh[r] * rw[h];
-                gs += dh[r] * x[r][h];
-            }
-            gw[h] = gs;
-        }
-    }
-}
-
-/* The two passes of one block of NR pairs of one expert (see moe_experts_bwd): gate and up [I, H] (the
- * two halves of gate_up_proj, or the shared expert's gate_proj and up_proj), down [H, I] */
+/* The backward of one block of NR pairs of one expert: gate and up [I, H] (the two halves of
+ * gate_up_proj, or the shared expert's gate_proj and up_proj), down [H, I]. d w of a pair, g . (down a),
+ * is a . (down^T g): the down pass sums down^T g for d a anyway, so no dot product per row. */
 static inline __attribute__((always_inline)) void expert_block_bwd(
     const float *gate, const float *up, const float *dn, float *dgate, float *dup, float *ddn, int64_t H, int64_t I,
-    const int NR,
-    const float *const *xr, const float *const *gr, const float *wr, const float *const *hr,
+    const int NR, const float *const *xr, const float *const *gr, const float *wr, const float *const *hr,
     float *const *dxr, float *dwr, float *const *a, float *const *da, float *const *dh, int first, int last) {
-    for (int r = 0; r < NR; r++)
+    static const float ones[8] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+    for (int r = 0; r < NR; r++) {
         for (int64_t i = 0; i < I; i++) {
             const float g = hr[r][i], s = 1.0f / (1.0f + expf(-g));
             a[r][i] = g * s * hr[r][I + i];
             da[r][i] = 0.0f;
         }
-    float dw_acc[RBB] = {0};
-    int64_t j = 0;
-#if ROWS2
-    for (; !first && j + 1 < H; j += 2) { /* one pass over down_proj [H, I], two rows at a time */
-        float dy0[RBB], dy1[RBB], y0[RBB], y1[RBB];
-        for (int r = 0; r < NR; r++) {
-            dy0[r] = wr[r] * gr[r][j];
-            dy1[r] = wr[r] * gr[r][j + 1];
-        }
-        down_rows2_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dy0, dy1, y0, y1);
-        for (int r = 0; r < NR; r++) {
-            dw_acc[r] += gr[r][j] * y0[r];
-            dw_acc[r] += gr[r][j + 1] * y1[r];
-        }
+        for (int64_t h = 0; h < H; h++) dxr[r][h] = 0.0f;
     }
-#endif
-    for (; j < H; j++) { /* one row at a time (the first block, or the row left over) */
-        float dyj[RBB], yj[RBB];
-        for (int r = 0; r < NR; r++) dyj[r] = wr[r] * gr[r][j];
-        down_row_bwd(dn + j * I, ddn + j * I, I, NR, (const float *const *)a, da, dyj, yj, first, last);
-        for (int r = 0; r < NR; r++) dw_acc[r] += gr[r][j] * yj[r];
-    }
+    /* down [H, I]: da_r = down^T g_r for now; d down[j] = sum_r w_r g_r[j] a_r */
+    weight_bwd(dn, ddn, H, I, NR, (const float *const *)a, da, gr, 0, wr, first, last);
     for (int r = 0; r < NR; r++) {
-        dwr[r] = dw_acc[r];
+        float dw = 0.0f; /* d w_r = g_r . (down a_r) = a_r . (down^T g_r) */
+        for (int64_t i = 0; i < I; i++) {
+            dw = madd(a[r][i], da[r][i], dw);
+            da[r][i] *= wr[r];
+        }
+        dwr[r] = dw;
         for (int64_t i = 0; i < I; i++) { /* through silu(gate) * up */
             const float g = hr[r][i], u = hr[r][I + i], s = 1.0f / (1.0f + expf(-g));
             dh[r][i] = da[r][i] * u * s * (1.0f + g * (1.0f - s));
             dh[r][I + i] = da[r][i] * g * s;
         }
-        for (int64_t h = 0; h < H; h++) dxr[r][h] = 0.0f;
     }
-    for (int half = 0; half < 2; half++) { /* one pass over the gate rows [I, H], then the up rows */
-        const float *w = half ? up : gate;
-        float *gw = half ? dup : dgate;
-        const int64_t at = half * I; /* where this half's dh starts */
-        int64_t i = 0;
-#if ROWS2
-        for (; !first && i + 1 < I; i += 2) { /* two rows at a time */
-            float dh0[RBB], dh1[RBB];
-            for (int r = 0; r < NR; r++) {
-                dh0[r] = dh[r][at + i];
-                dh1[r] = dh[r][at + i + 1];
-            }
-            gate_up_rows2_bwd(w + i * H, gw + i * H, H, NR, xr, dxr, dh0, dh1);
-        }
-#endif
-        for (; i < I; i++) { /* one row at a time */
-            float dhi[RBB];
-            for (int r = 0; r < NR; r++) dhi[r] = dh[r][at + i];
-            gate_up_row_bwd(w + i * H, gw + i * H, H, NR, xr, dxr, dhi, first, last);
-        }
-    }
+    weight_bwd(gate, dgate, I, H, NR, xr, dxr, (const float *const *)dh, 0, ones, first, last);
+    weight_bwd(up, dup, I, H, NR, xr, dxr, (const float *const *)dh, I, ones, first, last);
 }
 
 /* expert_block_bwd for nr <= RBB pairs, with nr a constant in each copy: the per-pair values stay in registers */
@@ -775,7 +688,11 @@ static void block_bwd(const float *gate, const float *up, const float *dn, float
     case 1: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 1, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
     case 2: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 2, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
     case 3: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 3, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
-    default: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 4, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    case 4: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 4, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    case 5: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 5, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    case 6: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 6, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    case 7: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 7, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
+    default: expert_block_bwd(gate, up, dn, dgate, dup, ddn, H, I, 8, xr, gr, wr, hr, dxr, dwr, a, da, dh, first, last); break;
     }
 }
 
@@ -806,8 +723,9 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
             zero_stream(ddn, H * I);
             continue;
         }
-        for (int64_t p = offsets[e]; p < offsets[e + 1]; p += RBB) {
-            const int nr = (int)(offsets[e + 1] - p < RBB ? offsets[e + 1] - p : RBB);
+        const int64_t block = offsets[e + 1] - offsets[e] <= RBB ? RBB : RBB_MANY;
+        for (int64_t p = offsets[e]; p < offsets[e + 1]; p += block) {
+            const int nr = (int)(offsets[e + 1] - p < block ? offsets[e + 1] - p : block);
             const float *xr[RBB], *gr[RBB], *hr[RBB];
             float wr[RBB], *dxr[RBB], dwr[RBB];
             for (int r = 0; r < nr; r++) {
@@ -818,7 +736,7 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
                 wr[r] = w[slot];
                 dxr[r] = dx_slots + slot * H;
             }
-            const int first = p == offsets[e], last = p + RBB >= offsets[e + 1];
+            const int first = p == offsets[e], last = p + block >= offsets[e + 1];
             block_bwd(gu, gu + I * H, dn, dgu, dgu + I * H, ddn, H, I, nr, xr, gr, wr, hr, dxr, dwr, a, da, dh, first,
                       last);
             for (int r = 0; r < nr; r++) dw[order[p + r]] = dwr[r];
@@ -894,8 +812,9 @@ void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, 
     if (sh_gate) {
         float *a[RBB], *da[RBB], *dh[RBB];
         split_scratch_bwd(scratch, Is, a, da, dh);
-        for (int64_t t = 0; t < T; t += RBB) {
-            const int nr = (int)(T - t < RBB ? T - t : RBB);
+        const int64_t block = T <= RBB ? RBB : RBB_MANY;
+        for (int64_t t = 0; t < T; t += block) {
+            const int nr = (int)(T - t < block ? T - t : block);
             const float *xr[RBB], *gr[RBB], *hr[RBB];
             float wr[RBB], *dxr[RBB], dwr[RBB];
             for (int r = 0; r < nr; r++) {
@@ -906,7 +825,7 @@ void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, 
                 dxr[r] = dx_sh + (t + r) * H;
             }
             block_bwd(sh_gate, sh_up, sh_down, d_sh_gate, d_sh_up, d_sh_down, H, Is, nr, xr, gr, wr, hr, dxr, dwr,
-                      a, da, dh, t == 0, t + RBB >= T);
+                      a, da, dh, t == 0, t + block >= T);
         }
         stream_fence();
     }
