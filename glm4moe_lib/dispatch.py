@@ -428,9 +428,11 @@ def _compiles(strategy: str, device: torch.device) -> bool:
 #: also on 2 threads); 32-64 at H=1024 (E=64, K=8); 8-16 at H=2048 (E=32, K=4) and H=4096 (E=16,
 #: K=4). Change it if your machine measures otherwise (``python -m glm4moe_lib.bench``).
 FUSED_CPU_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, math.inf), (1024, 32), (math.inf, 8))
-#: the same with gradients (forward+backward; crossover measured at 16-32 pairs per expert at H=512,
-#: about 8 at H=1024, 4-8 at H=2048).
-FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, 16), (math.inf, 6))
+#: the same with gradients (forward+backward against ``grouped_mm``, 1 thread, the backward by strips
+#: of columns: the kernel 0.73x the time at 16 pairs per expert and 0.86x at 32 at H=512, level at 64,
+#: 1.05x at 128 (2 threads: 0.86x at 32 per thread, level at 64); at H=1024 (E=64, K=8) 0.88x at 16,
+#: 1.09x at 32; at H=2048 (E=32, K=4) 0.94x at 8, 1.32x at 16).
+FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, 48), (1024, 16), (math.inf, 8))
 
 
 def fused_cpu_max_pairs_per_expert(hidden_size: int, inference: bool) -> float:

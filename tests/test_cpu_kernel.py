@@ -184,14 +184,16 @@ def test_auto_picks_it_for_float32_at_small_batches():
             with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asks for bf16 math
                 assert choose_strategy(x(16), idx(16), 128) != "fused_cpu"
         torch.set_num_threads(1)
-        for t in (1, 16, 256):  # with gradients: T·K <= 16·E (its backward is one more pass)
+        for t in (1, 16, 768):  # with gradients: T·K <= 48·E (its backward is one more pass)
             assert choose_strategy(x(t), idx(t), 128) == "fused_cpu"
-        assert choose_strategy(x(257), idx(257), 128) != "fused_cpu"
-        assert choose_strategy(torch.zeros(96, 1024), idx(96), 128) == "fused_cpu"  # wider: 6 per expert
-        assert choose_strategy(torch.zeros(97, 1024), idx(97), 128) != "fused_cpu"
+        assert choose_strategy(x(769), idx(769), 128) != "fused_cpu"
+        assert choose_strategy(torch.zeros(256, 1024), idx(256), 128) == "fused_cpu"  # H=1024: 16 per expert
+        assert choose_strategy(torch.zeros(257, 1024), idx(257), 128) != "fused_cpu"
+        assert choose_strategy(torch.zeros(128, 2048), idx(128), 128) == "fused_cpu"  # wider: 8 per expert
+        assert choose_strategy(torch.zeros(129, 2048), idx(129), 128) != "fused_cpu"
         torch.set_num_threads(2)
-        assert choose_strategy(x(512), idx(512), 128) == "fused_cpu"
-        assert choose_strategy(x(513), idx(513), 128) != "fused_cpu"
+        assert choose_strategy(x(1536), idx(1536), 128) == "fused_cpu"
+        assert choose_strategy(x(1537), idx(1537), 128) != "fused_cpu"
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():  # and the layer's "auto" output is the kernel's
