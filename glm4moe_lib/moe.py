@@ -94,7 +94,9 @@ class MoE(nn.Module):
         ``fused_cpu`` anyway: the same math instead of some twenty torch ops, which at a token or
         two cost more than reading the weights. With gradients (up to
         ``cpu_kernel.TRAIN_MAX_TOKENS``, not with ``return_routing``, whose logits and scores a
-        loss may use) the backward is one C call too. None where it does not apply (then the
+        loss may use) the backward is one C call too; it gives first derivatives only (a second
+        one, through ``create_graph=True``, raises, as for the experts' own kernel: a layer built
+        with a torch strategy, ``MoEConfig(dispatch="sorted")``, gives it). None where it does not apply (then the
         modules run as usual, and raise the errors): more tokens, softmax scoring, hooks on the
         submodules, a subclass, tensors the kernel cannot read as they are
         (:func:`cpu_kernel.readable`), weights of other shapes than the config's, no kernel, or a

@@ -375,3 +375,18 @@ def test_training_no_tokens(train_calls, one_thread):
     assert out.shape == (0, 64) and x.grad.shape == (0, 64)
     assert torch.equal(moe.experts.gate_up_proj.grad, torch.zeros_like(moe.experts.gate_up_proj))
     assert torch.equal(moe.gate.weight.grad, torch.zeros_like(moe.gate.weight))
+
+
+def test_training_call_gives_first_derivatives_and_sorted_the_second(one_thread):
+    """The C backward is not itself differentiable (as the experts' kernel): a second derivative
+    raises a clear error there, and a torch strategy gives it."""
+    moe, _ = _layers(CONFIGS["plain"])
+    x = torch.randn(4, 64, requires_grad=True)
+    (g,) = torch.autograd.grad(moe(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+    by_torch = MoE(moe.config.replace(dispatch="sorted"))
+    by_torch.load_state_dict(moe.state_dict())
+    (g,) = torch.autograd.grad(by_torch(x).square().sum(), x, create_graph=True)
+    g.sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0
