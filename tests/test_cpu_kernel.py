@@ -267,6 +267,12 @@ PRUNED = {"experts.gate_up_proj": (64, 256, 512), "experts.down_proj": (64, 512,
         ),
         ({"gate.e_score_correction_bias": (64,)}, 2, False, r"e_score_correction_bias\) has shape \(64,\)"),
         ({"shared_experts.down_proj.weight": (512, 64)}, 2, False, r"down has shape \(512, 64\)"),
+        # the same with gradients (the training call's checks hand them to the modules, which raise)
+        ({"experts.down_proj": (64, 512, 128)}, 2, True, r"down_proj \(64, 512, 128\) do not fit together"),
+        ({"experts.gate_up_proj": (128, 256, 256)}, 2, True, r"gate_up_proj \(128, 256, 256\) and down_proj"),
+        ({"gate.e_score_correction_bias": (64,)}, 2, True, r"e_score_correction_bias\) has shape \(64,\)"),
+        ({"shared_experts.down_proj.weight": (512, 64)}, 2, True, r"down has shape \(512, 64\)"),
+        (PRUNED, 2, True, r"the router scores 128 experts .* holds 64"),
         # the experts through the kernel (more tokens), with and without gradients
         ({"experts.down_proj": (128, 512, 64)}, 64, False, r"do not fit together: they must be \[E, 2I, H\]"),
         ({"experts.down_proj": (128, 512, 64)}, 64, True, r"do not fit together"),
@@ -285,9 +291,9 @@ def test_weights_replaced_with_other_shapes_get_clear_errors(shapes, tokens, gra
     """A weight replaced through ``.data`` by one of another shape is a clear error, never a read
     past the end of a tensor in the C code (which crashed the interpreter before these checks)."""
     moe = _replaced(shapes)
-    x = torch.randn(tokens, 512)
+    x = torch.randn(tokens, 512, requires_grad=grad)
     with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
-        moe(x)
+        moe(x).sum().backward()
 
 
 def test_every_strategy_checks_the_expert_shapes():
