@@ -140,23 +140,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_layer_train.argtypes = lib.moe_layer.argtypes[:-2] + [p, p, p, p, p, p]
     lib.moe_layer_train.restype = i64
     # x, T, H, router_w, E, K, norm, scale, gate_up, down, I, the shared expert's 3 weights and Is, then 16 pointers
-    lib.moe_layer_bwd.argtypes = [
-        p,
-        i64,
-        i64,
-        p,
-        i64,
-        i64,
-        ctypes.c_int,
-        ctypes.c_float,
-        p,
-        p,
-        i64,
-        p,
-        p,
-        p,
-        i64,
-    ]
+    lib.moe_layer_bwd.argtypes = [p, i64, i64, p, i64, i64, ctypes.c_int, ctypes.c_float, p, p, i64, p, p, p, i64]  # fmt: skip
     lib.moe_layer_bwd.argtypes += [p] * 16
     lib.moe_layer_bwd.restype = None
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
