@@ -294,6 +294,34 @@ static void rows_dot_pair1(const float *wa, const float *wb, int64_t m, int64_t 
     }
 }
 
+/* rows_dot_pair1 over four streams: rows j and j + m/2 of both wa and wb at once (an odd m's last row by
+ * rows_dot_pair1), each row summed as rows_dot sums it: bitwise the same results. Measured (1 thread,
+ * in-process A/B against rows_dot_pair1, seven runs): one-token layer calls about 2% faster from memory (decode)
+ * and from cache (median; single runs -5% to +7%); eight streams (quarters) were 10% slower. */
+static void rows_dot_quad1(const float *wa, const float *wb, int64_t m, int64_t n, const float *x, float *out_a,
+                           float *out_b, read_ahead *ra) {
+    const int64_t n1 = n - n % VL, m2 = m / 2;
+    for (int64_t j = 0; j < m2; j++) {
+        const float *r[4] = {wa + j * n, wa + (j + m2) * n, wb + j * n, wb + (j + m2) * n};
+        vec acc[4] = {(vec){0}, (vec){0}, (vec){0}, (vec){0}};
+        for (int64_t h = 0; h < n1; h += VL) {
+            const vec xv = load(x + h);
+            for (int q = 0; q < 4; q++) acc[q] += load(r[q] + h) * xv;
+        }
+        if (ra)
+            for (int q = 0; q < 4; q++) read_ahead_step(ra);
+        float s[4];
+        hsum_many(acc, 4, s);
+        for (int64_t t = n1; t < n; t++)
+            for (int q = 0; q < 4; q++) s[q] = madd(r[q][t], x[t], s[q]);
+        out_a[j] = s[0];
+        out_a[j + m2] = s[1];
+        out_b[j] = s[2];
+        out_b[j + m2] = s[3];
+    }
+    if (m % 2) rows_dot_pair1(wa + (m - 1) * n, wb + (m - 1) * n, 1, n, x, out_a + m - 1, out_b + m - 1, ra);
+}
+
 /* Counting sort of the T*K pairs by expert: offsets [E+1] (block e is offsets[e]:offsets[e+1]),
  * order [T*K] (pair indices t*K+k, grouped by expert, in token order within an expert).
  * Returns -1 - p for the first pair p whose expert id is outside [0, E), else 0. */
@@ -318,8 +346,8 @@ static void swiglu_rows(const float *gate, const float *up, const float *down, i
                         read_ahead *ra) {
     float *u[RB];
     for (int r = 0; r < RB; r++) u[r] = g[r] + I; /* the up half of each [2I] row */
-    if (nr == 1) /* one token: a gate row and its up row read together */
-        rows_dot_pair1(gate, up, I, H, xr[0], g[0], u[0], ra);
+    if (nr == 1) /* one token: two gate rows and two up rows read together */
+        rows_dot_quad1(gate, up, I, H, xr[0], g[0], u[0], ra);
     else {
         rows_dot_n(gate, I, H, xr, nr, g, ra);
         rows_dot_n(up, I, H, xr, nr, u, ra);
@@ -331,9 +359,9 @@ static void swiglu_rows(const float *gate, const float *up, const float *down, i
             const float gt = g[r][i];
             a[r][i] = gt / (1.0f + expf(-gt)) * u[r][i];
         }
-    if (nr == 1) { /* the first and the second half of down's rows, read together */
+    if (nr == 1) { /* one token: four rows of down (two in each half) read together */
         const int64_t h2 = H / 2;
-        rows_dot_pair1(down, down + h2 * I, h2, I, a[0], yr[0], yr[0] + h2, ra);
+        rows_dot_quad1(down, down + h2 * I, h2, I, a[0], yr[0], yr[0] + h2, ra);
         if (H % 2) /* the last row of an odd H */
             rows_dot_n(down + 2 * h2 * I, 1, I, (const float *const *)a, 1, (float *const[]){yr[0] + 2 * h2}, ra);
     } else
