@@ -96,9 +96,9 @@ class MoE(nn.Module):
         ``cpu_kernel.TRAIN_MAX_TOKENS``, not with ``return_routing``, whose logits and scores a
         loss may use) the backward is one C call too; it gives first derivatives only (a second
         one, through ``create_graph=True``, raises, as for the experts' own kernel: a layer built
-        with a torch strategy, ``MoEConfig(dispatch="sorted")``, gives it). None where it does not apply (then the
-        modules run as usual, and raise the errors): more tokens, softmax scoring, hooks on the
-        submodules, a subclass, tensors the kernel cannot read as they are
+        with a torch strategy, ``MoEConfig(dispatch="sorted")``, gives it). None where it does
+        not apply (then the modules run as usual, and raise the errors): more tokens, softmax
+        scoring, hooks on the submodules, a subclass, tensors the kernel cannot read as they are
         (:func:`cpu_kernel.readable`), weights of other shapes than the config's, no kernel, or a
         tie in the routing.
 
@@ -153,18 +153,13 @@ class MoE(nn.Module):
         for w, shape in zip(weights, shapes):  # weights replaced (through .data) by other shapes
             if w.shape != shape:
                 return None
+        args = (x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
+                c.norm_topk_prob, c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             if return_routing or x.numel() > cpu_kernel.TRAIN_MAX_TOKENS * c.hidden_size:
                 return None
-            out = cpu_kernel.layer_train_call(
-                x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
-                c.norm_topk_prob, c.routed_scaling_factor,
-            )  # fmt: skip
-            return out
-        done = cpu_kernel.layer_call(
-            x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
-            c.norm_topk_prob, c.routed_scaling_factor, routing=return_routing,
-        )  # fmt: skip
+            return cpu_kernel.layer_train_call(*args)  # None for a tie
+        done = cpu_kernel.layer_call(*args, routing=return_routing)
         if done is None or not return_routing:  # None: a tie, which torch's topk decides
             return done
         out, logits, scores, weights, indices = done

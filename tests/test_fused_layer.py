@@ -59,34 +59,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the layer's trips through the C call, cpu_kernel.layer_call (and what they returned)."""
+def _spy(monkeypatch, name: str) -> list[bool]:
+    """Counts the layer's trips through ``cpu_kernel.<name>`` (and whether each returned a result)."""
     seen: list[bool] = []
-    real = cpu_kernel.layer_call
+    real = getattr(cpu_kernel, name)
 
     def spy(*args, **kwargs):
         done = real(*args, **kwargs)
         seen.append(done is not None)
         return done
 
-    monkeypatch.setattr(cpu_kernel, "layer_call", spy)
+    monkeypatch.setattr(cpu_kernel, name, spy)
     return seen
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The inference C call, cpu_kernel.layer_call."""
+    return _spy(monkeypatch, "layer_call")
 
 
 @pytest.fixture
 def train_calls(monkeypatch):
-    """Counts the layer's trips through the C training call, cpu_kernel.layer_train_call."""
-    seen: list[bool] = []
-    real = cpu_kernel.layer_train_call
-
-    def spy(*args, **kwargs):
-        done = real(*args, **kwargs)
-        seen.append(done is not None)
-        return done
-
-    monkeypatch.setattr(cpu_kernel, "layer_train_call", spy)
-    return seen
+    """The training C call, cpu_kernel.layer_train_call."""
+    return _spy(monkeypatch, "layer_train_call")
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP

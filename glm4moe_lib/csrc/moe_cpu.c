@@ -773,34 +773,11 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
     stream_fence();
 }
 
-/* ---- the whole layer (inference, one thread) -------------------------------------------------- */
+/* ---- the whole layer (one thread): forward for inference and training, backward ------------- */
 
-/* moe_route, moe_sort, moe_experts, the shared expert and moe_combine in one call, for a few
- * tokens where each call from Python costs about as much as the work itself.
- * shared: sh_gate, sh_up [Is, H] and sh_down [H, Is], or NULL (Is ignored).
- * work: at least 2 * (E + 1) + 2 * T * K + T * K * H + T * H + RB_MAX * 3 * max(I, Is) floats.
- * Returns what moe_route returns (1 + t for a tie: nothing else is done), else 0. */
-int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
-                  int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
-                  const float *down, int64_t I, const float *sh_gate, const float *sh_up, const float *sh_down,
-                  int64_t Is, float *logits, float *scores, int64_t *ids, float *w, float *out, float *work) {
-    const int64_t tie =
-        moe_route(x, T, H, router_w, bias, E, K, n_group, topk_group, norm, scale, logits, scores, ids, w);
-    if (tie) return tie;
-    int64_t *offsets = (int64_t *)work, *order = offsets + (E + 1);
-    float *y = (float *)(order + T * K), *shared = y + T * K * H, *scratch = shared + T * H;
-    moe_sort(ids, T * K, E, offsets, order);
-    moe_experts(x, order, offsets, 0, E, K, gate_up, down, H, I, y, scratch, NULL);
-    if (sh_gate) mlp_rows(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch, NULL);
-    moe_combine(y, w, T, K, H, sh_gate ? shared : NULL, out);
-    return 0;
-}
-
-/* ---- the whole layer for training (one thread) ------------------------------------------------ */
-
-/* moe_layer keeping what moe_layer_bwd needs: offsets [E+1] and order [T*K] (as moe_sort), hsave
+/* moe_layer (below) keeping what moe_layer_bwd needs: offsets [E+1] and order [T*K] (as moe_sort), hsave
  * [T*K, 2I] (each pair's gate and up pre-activations) and sh_hsave [T, 2Is] (the shared expert's; unused
- * without one), beside scores [T, E], ids and w [T, K]. logits [T, E] may be scratch.
+ * without one; both NULL: nothing kept), beside scores [T, E], ids and w [T, K]. logits [T, E] may be scratch.
  * work: at least T * K * H + T * H + RB_MAX * 3 * max(I, Is) floats. Returns what moe_layer returns. */
 int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
                         int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
@@ -816,6 +793,21 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
     if (sh_gate) mlp_rows(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch, sh_hsave);
     moe_combine(y, w, T, K, H, sh_gate ? shared : NULL, out);
     return 0;
+}
+
+/* moe_route, moe_sort, moe_experts, the shared expert and moe_combine in one call, for a few
+ * tokens where each call from Python costs about as much as the work itself.
+ * shared: sh_gate, sh_up [Is, H] and sh_down [H, Is], or NULL (Is ignored).
+ * work: at least 2 * (E + 1) + 2 * T * K + T * K * H + T * H + RB_MAX * 3 * max(I, Is) floats.
+ * Returns what moe_route returns (1 + t for a tie: nothing else is done), else 0. */
+int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
+                  int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
+                  const float *down, int64_t I, const float *sh_gate, const float *sh_up, const float *sh_down,
+                  int64_t Is, float *logits, float *scores, int64_t *ids, float *w, float *out, float *work) {
+    int64_t *offsets = (int64_t *)work, *order = offsets + (E + 1); /* moe_layer_train, keeping nothing */
+    return moe_layer_train(x, T, H, router_w, bias, E, K, n_group, topk_group, norm, scale, gate_up, down, I, sh_gate,
+                           sh_up, sh_down, Is, logits, scores, ids, w, offsets, order, NULL, NULL, out,
+                           (float *)(order + T * K));
 }
 
 /* The backward of moe_layer_train, given grad = d out [T, H] and what it kept:
