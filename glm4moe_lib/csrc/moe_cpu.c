@@ -35,6 +35,16 @@ typedef float vec_u __attribute__((vector_size(64), aligned(4)));  /* the same, 
 #endif
 #endif
 #define RB_MAX 8 /* cpu_kernel.py sizes the scratch for this many */
+/* passes of up to RB_QUAD tokens read four weight streams at once (rows_dot_quad): 4·RB_QUAD accumulators,
+ * 2 where there are 32 vector registers, else 1 */
+#ifndef RB_QUAD
+#if RB > 4
+#define RB_QUAD 2
+#else
+#define RB_QUAD 1
+#endif
+#endif
+_Static_assert(RB_QUAD >= 1 && RB_QUAD <= 4, "rows_dot_quad_n takes 1 to 4 tokens");
 /* Pairs per block in the backward: an expert with up to RBB of them takes them all in one pass over its
  * weights; one with more, blocks of RBB_MANY (whose weights and gradients then come from the cache).
  * Measured (1 thread, in-process A/B, bench layer): one block of up to 8 instead of blocks of 4 makes the
@@ -159,7 +169,9 @@ static read_ahead read_ahead_of_next(const int64_t *offsets, int64_t e, int64_t 
  * j + 1; the last row of an odd m alone), each token vector loaded once for both: half the loads per
  * multiply-add, where many tokens per pass make the loop compute-bound. Each row is summed exactly as
  * rows_dot sums it: bitwise the same results. The empty asm keeps the two weight vectors in registers:
- * without it GCC 12 loaded each one again for every token, and two rows measured slower than one.
+ * without it GCC 12 loaded each one again for every token, and two rows measured slower than one. The
+ * same for each token vector: without it GCC folded its load into both multiply-adds (two loads, not
+ * one); keeping it in a register measured 5-11% faster at T=64-256 (the whole forward, three runs).
  * Measured (1 thread, in-process A/B, the whole layer's forward, three runs): 3-4% faster at T=256,
  * 1-6% at T=1024, level at T=16-64; with 2-4 tokens per pass (weights from memory) up to 8% slower
  * at T=64, so those passes keep one row at a time. */
@@ -177,7 +189,7 @@ static inline __attribute__((always_inline)) void rows_dot2(const float *w, int6
  * prefetch a little of per row. One row at a time, in address order: with a few tokens per pass,
  * several rows at once (each token vector loaded once for all of them) measured up to 2x slower on
  * weights coming from memory, whose stream the hardware prefetcher then loses.
- * (The exceptions: a pass with one token, rows_dot_pair1; passes of 5 or more, rows_dot2 above.) */
+ * (The exceptions: passes of up to RB_QUAD tokens, rows_dot_quad below; of 5 or more, rows_dot2 above.) */
 static inline __attribute__((always_inline)) void rows_dot(const float *w, int64_t m, int64_t n,
                                                            const float *const *x, const int NR,
                                                            float *const *out, read_ahead *ra) {
@@ -216,7 +228,8 @@ static inline __attribute__((always_inline)) void rows_dot2(const float *w, int6
             stream_ahead(w0 + h);
             stream_ahead(w1 + h);
             for (int r = 0; r < NR; r++) {
-                const vec xv = load(x[r] + h);
+                vec xv = load(x[r] + h);
+                KEEP_IN_REGISTER(xv); /* else GCC folds it into both multiply-adds: two loads, not one */
                 acc0[r] += wv0 * xv;
                 acc1[r] += wv1 * xv;
             }
@@ -262,64 +275,118 @@ static void rows_dot_n(const float *w, int64_t m, int64_t n, const float *const 
     }
 }
 
-/* One token: out_a[j] = wa[j, :] . x and out_b[j] = wb[j, :] . x for j < m, rows j of wa and wb read
- * together: two streams from memory at once (one token does too little work per weight to keep one
- * stream's loads in flight), each row summed exactly as rows_dot sums it, so bitwise the same results.
- * Measured (1 thread, in-process A/B, bench sizes, four runs): routed experts about 5% faster at T=1-4
- * with the weights coming from memory (2-16% between runs), 12-16% at T=1 and about 5% at T=4-16 when
- * they were just read (in cache); level at T=64, where few passes have one token. */
-static void rows_dot_pair1(const float *wa, const float *wb, int64_t m, int64_t n, const float *x, float *out_a,
-                           float *out_b, read_ahead *ra) {
+/* Two matrices' rows j at once: out_a[r][j] = wa[j, :] . x[r] and out_b[r][j] = wb[j, :] . x[r] for
+ * r < NR, j < m: two streams from memory at once, each token vector loaded once for both rows, each
+ * row summed exactly as rows_dot sums it (bitwise the same results): an odd m's last row of
+ * rows_dot_quad. */
+static inline __attribute__((always_inline)) void rows_dot_pair(const float *wa, const float *wb, int64_t m,
+                                                                int64_t n, const float *const *x, const int NR,
+                                                                float *const *out_a, float *const *out_b,
+                                                                read_ahead *ra) {
     const int64_t n1 = n - n % VL;
     for (int64_t j = 0; j < m; j++) {
         const float *aj = wa + j * n, *bj = wb + j * n;
-        vec acc[2] = {(vec){0}, (vec){0}};
+        vec acc[2][RB_QUAD];
+        for (int r = 0; r < NR; r++) acc[0][r] = acc[1][r] = (vec){0};
         for (int64_t h = 0; h < n1; h += VL) {
-            const vec xv = load(x + h);
-            acc[0] += load(aj + h) * xv;
-            acc[1] += load(bj + h) * xv;
+            const vec va = load(aj + h), vb = load(bj + h);
+            for (int r = 0; r < NR; r++) {
+                const vec xv = load(x[r] + h);
+                acc[0][r] += va * xv;
+                acc[1][r] += vb * xv;
+            }
         }
         if (ra) {
             read_ahead_step(ra);
             read_ahead_step(ra);
         }
-        float s[2];
-        hsum_many(acc, 2, s);
-        for (int64_t t = n1; t < n; t++) {
-            s[0] = madd(aj[t], x[t], s[0]);
-            s[1] = madd(bj[t], x[t], s[1]);
+        float s[2][RB_QUAD];
+        hsum_many(acc[0], NR, s[0]);
+        hsum_many(acc[1], NR, s[1]);
+        for (int r = 0; r < NR; r++) {
+            for (int64_t t = n1; t < n; t++) {
+                s[0][r] = madd(aj[t], x[r][t], s[0][r]);
+                s[1][r] = madd(bj[t], x[r][t], s[1][r]);
+            }
+            out_a[r][j] = s[0][r];
+            out_b[r][j] = s[1][r];
         }
-        out_a[j] = s[0];
-        out_b[j] = s[1];
     }
 }
 
-/* rows_dot_pair1 over four streams: rows j and j + m/2 of both wa and wb at once (an odd m's last row by
- * rows_dot_pair1), each row summed as rows_dot sums it: bitwise the same results. Measured (1 thread,
- * in-process A/B against rows_dot_pair1, seven runs): one-token layer calls about 2% faster from memory (decode)
- * and from cache (median; single runs -5% to +7%); eight streams (quarters) were 10% slower. */
-static void rows_dot_quad1(const float *wa, const float *wb, int64_t m, int64_t n, const float *x, float *out_a,
-                           float *out_b, read_ahead *ra) {
+/* Four streams from memory at once, for passes of 1 to RB_QUAD tokens: rows j and j + m/2 of both wa and
+ * wb (gate and up; or the four quarters of down), each token vector loaded once for all four rows, each
+ * row summed exactly as rows_dot sums it: bitwise the same results (an odd m's last row by rows_dot_pair).
+ * A token or two do too little work per weight for one stream's loads to keep memory busy. Measured
+ * (1 thread, in-process A/B of the layer's forward, bench size): with one token about 2% faster than
+ * two streams (seven runs: -5% to +7%; eight streams were 10% slower); with passes of two tokens too
+ * (RB_QUAD 2), 4-10% faster at T=16 and level at T=64. Passes of 3-4 tokens this way measured level at
+ * T=16 and 3-10% slower at T=64 (where rows_dot's stream_ahead pays), so they keep rows_dot. */
+static inline __attribute__((always_inline)) void rows_dot_quad(const float *wa, const float *wb, int64_t m,
+                                                                int64_t n, const float *const *x, const int NR,
+                                                                float *const *out_a, float *const *out_b,
+                                                                read_ahead *ra) {
     const int64_t n1 = n - n % VL, m2 = m / 2;
     for (int64_t j = 0; j < m2; j++) {
-        const float *r[4] = {wa + j * n, wa + (j + m2) * n, wb + j * n, wb + (j + m2) * n};
-        vec acc[4] = {(vec){0}, (vec){0}, (vec){0}, (vec){0}};
+        const float *w[4] = {wa + j * n, wa + (j + m2) * n, wb + j * n, wb + (j + m2) * n};
+        vec acc[4][RB_QUAD];
+        for (int q = 0; q < 4; q++)
+            for (int r = 0; r < NR; r++) acc[q][r] = (vec){0};
         for (int64_t h = 0; h < n1; h += VL) {
-            const vec xv = load(x + h);
-            for (int q = 0; q < 4; q++) acc[q] += load(r[q] + h) * xv;
+            vec w0 = load(w[0] + h), w1 = load(w[1] + h), w2 = load(w[2] + h), w3 = load(w[3] + h);
+            if (NR > 1) { /* in registers, and each token vector loaded once for all four (see rows_dot2) */
+                KEEP_IN_REGISTER(w0);
+                KEEP_IN_REGISTER(w1);
+                KEEP_IN_REGISTER(w2);
+                KEEP_IN_REGISTER(w3);
+            }
+            for (int r = 0; r < NR; r++) {
+                vec xv = load(x[r] + h);
+                if (NR > 1) KEEP_IN_REGISTER(xv);
+                acc[0][r] += w0 * xv;
+                acc[1][r] += w1 * xv;
+                acc[2][r] += w2 * xv;
+                acc[3][r] += w3 * xv;
+            }
         }
         if (ra)
             for (int q = 0; q < 4; q++) read_ahead_step(ra);
-        float s[4];
-        hsum_many(acc, 4, s);
-        for (int64_t t = n1; t < n; t++)
-            for (int q = 0; q < 4; q++) s[q] = madd(r[q][t], x[t], s[q]);
-        out_a[j] = s[0];
-        out_a[j + m2] = s[1];
-        out_b[j] = s[2];
-        out_b[j + m2] = s[3];
+        float s[4][RB_QUAD];
+        for (int q = 0; q < 4; q++) hsum_many(acc[q], NR, s[q]);
+        for (int r = 0; r < NR; r++) {
+            for (int64_t t = n1; t < n; t++)
+                for (int q = 0; q < 4; q++) s[q][r] = madd(w[q][t], x[r][t], s[q][r]);
+            out_a[r][j] = s[0][r];
+            out_a[r][j + m2] = s[1][r];
+            out_b[r][j] = s[2][r];
+            out_b[r][j + m2] = s[3][r];
+        }
     }
-    if (m % 2) rows_dot_pair1(wa + (m - 1) * n, wb + (m - 1) * n, 1, n, x, out_a + m - 1, out_b + m - 1, ra);
+    if (m % 2) { /* the last row of an odd m */
+        float *last_a[RB_QUAD], *last_b[RB_QUAD];
+        for (int r = 0; r < NR; r++) {
+            last_a[r] = out_a[r] + m - 1;
+            last_b[r] = out_b[r] + m - 1;
+        }
+        rows_dot_pair(wa + (m - 1) * n, wb + (m - 1) * n, 1, n, x, NR, last_a, last_b, ra);
+    }
+}
+
+/* rows_dot_quad for 1 <= nr <= RB_QUAD tokens (a constant count: the accumulators stay in registers) */
+static void rows_dot_quad_n(const float *wa, const float *wb, int64_t m, int64_t n, const float *const *x, int nr,
+                            float *const *out_a, float *const *out_b, read_ahead *ra) {
+    switch (nr) {
+#if RB_QUAD >= 2
+    case 2: rows_dot_quad(wa, wb, m, n, x, 2, out_a, out_b, ra); break;
+#endif
+#if RB_QUAD >= 3
+    case 3: rows_dot_quad(wa, wb, m, n, x, 3, out_a, out_b, ra); break;
+#endif
+#if RB_QUAD >= 4
+    case 4: rows_dot_quad(wa, wb, m, n, x, 4, out_a, out_b, ra); break;
+#endif
+    default: rows_dot_quad(wa, wb, m, n, x, 1, out_a, out_b, ra); break;
+    }
 }
 
 /* Counting sort of the T*K pairs by expert: offsets [E+1] (block e is offsets[e]:offsets[e+1]),
@@ -346,8 +413,8 @@ static void swiglu_rows(const float *gate, const float *up, const float *down, i
                         read_ahead *ra) {
     float *u[RB];
     for (int r = 0; r < RB; r++) u[r] = g[r] + I; /* the up half of each [2I] row */
-    if (nr == 1) /* one token: two gate rows and two up rows read together */
-        rows_dot_quad1(gate, up, I, H, xr[0], g[0], u[0], ra);
+    if (nr <= RB_QUAD) /* a few tokens: two gate rows and two up rows read together */
+        rows_dot_quad_n(gate, up, I, H, xr, nr, g, u, ra);
     else {
         rows_dot_n(gate, I, H, xr, nr, g, ra);
         rows_dot_n(up, I, H, xr, nr, u, ra);
@@ -359,11 +426,19 @@ static void swiglu_rows(const float *gate, const float *up, const float *down, i
             const float gt = g[r][i];
             a[r][i] = gt / (1.0f + expf(-gt)) * u[r][i];
         }
-    if (nr == 1) { /* one token: four rows of down (two in each half) read together */
+    if (nr <= RB_QUAD) { /* a few tokens: four rows of down (two in each half) read together */
         const int64_t h2 = H / 2;
-        rows_dot_quad1(down, down + h2 * I, h2, I, a[0], yr[0], yr[0] + h2, ra);
-        if (H % 2) /* the last row of an odd H */
-            rows_dot_n(down + 2 * h2 * I, 1, I, (const float *const *)a, 1, (float *const[]){yr[0] + 2 * h2}, ra);
+        float *ya[RB_QUAD] = {NULL}, *yb[RB_QUAD] = {NULL};
+        for (int r = 0; r < nr; r++) {
+            ya[r] = yr[r];
+            yb[r] = yr[r] + h2;
+        }
+        rows_dot_quad_n(down, down + h2 * I, h2, I, (const float *const *)a, nr, ya, yb, ra);
+        if (H % 2) { /* the last row of an odd H */
+            float *last[RB_QUAD];
+            for (int r = 0; r < nr; r++) last[r] = yr[r] + 2 * h2;
+            rows_dot_n(down + 2 * h2 * I, 1, I, (const float *const *)a, nr, last, ra);
+        }
     } else
         rows_dot_n(down, H, I, (const float *const *)a, nr, yr, ra);
 }
