@@ -96,6 +96,23 @@ def test_every_pass_size_gives_the_same_bits(hidden, inter):
 
 
 @needs_kernel
+def test_silu_over_the_whole_float_range():
+    """The kernel's own e^x (16 at a time) against torch's silu: gate pre-activations from about -1e4 to
+    1e4 (e^x overflows and underflows), infinities (silu(-inf) is NaN in torch: -inf * 0) and NaN."""
+    x, idx, w, gu, dn = _problem(40, 4, 2, 48, 40, seed=5)
+    x = x * torch.logspace(-2, 3, 40)[:, None]  # row t scaled by 10^(-2 .. 3)
+    x[7, 5], x[8, 9], x[9, 0] = float("inf"), float("-inf"), float("nan")
+    out = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+    ref = dense_reference(x, idx, w, gu, dn)
+    assert ref[9].isnan().all() and ref[7].isnan().any()  # the cases are there
+    torch.testing.assert_close(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.isinf(), ref.isinf())
+    finite = ref.isfinite().all(dim=1)  # rows of 10^3: float32 sums carry 1e-5 of the row's scale
+    scale = ref[finite].abs().amax(dim=1, keepdim=True)
+    torch.testing.assert_close(out[finite] / scale, ref[finite] / scale, rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
 def test_same_result_with_any_thread_count():
     x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True)
     threads = torch.get_num_threads()
