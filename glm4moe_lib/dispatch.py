@@ -429,10 +429,11 @@ def _compiles(strategy: str, device: torch.device) -> bool:
 #: K=4). Change it if your machine measures otherwise (``python -m glm4moe_lib.bench``).
 FUSED_CPU_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, math.inf), (1024, 32), (math.inf, 8))
 #: the same with gradients (forward+backward against ``grouped_mm``, 1 thread, the backward by strips
-#: of columns: the kernel 0.73x the time at 16 pairs per expert and 0.86x at 32 at H=512, level at 64,
-#: 1.05x at 128 (2 threads: 0.86x at 32 per thread, level at 64); at H=1024 (E=64, K=8) 0.88x at 16,
-#: 1.09x at 32; at H=2048 (E=32, K=4) 0.94x at 8, 1.32x at 16).
-FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, 48), (1024, 16), (math.inf, 8))
+#: of columns, the SwiGLU's sigmoid 16 at a time: the kernel 0.78x the time at 32 pairs per expert at
+#: H=512, 0.89x at 64, 0.96x at 128, level at 256 (2 threads: 0.86x at 64 per thread, 0.88x at 128); at
+#: H=1024 (E=64, K=8, I=256) 0.80x at 16, 0.96x at 32, 1.07x at 64; at H=2048 (E=32, K=4, I=512) 0.87x
+#: at 8, 1.38x at 16).
+FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, 128), (1024, 32), (math.inf, 8))
 
 
 def fused_cpu_max_pairs_per_expert(hidden_size: int, inference: bool) -> float:

@@ -217,16 +217,16 @@ def test_auto_picks_it_for_float32_at_small_batches():
             with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asks for bf16 math
                 assert choose_strategy(x(16), idx(16), 128) != "fused_cpu"
         torch.set_num_threads(1)
-        for t in (1, 16, 768):  # with gradients: T·K <= 48·E (its backward is one more pass)
+        for t in (1, 16, 2048):  # with gradients: T·K <= 128·E (its backward is one more pass)
             assert choose_strategy(x(t), idx(t), 128) == "fused_cpu"
-        assert choose_strategy(x(769), idx(769), 128) != "fused_cpu"
-        assert choose_strategy(torch.zeros(256, 1024), idx(256), 128) == "fused_cpu"  # H=1024: 16 per expert
-        assert choose_strategy(torch.zeros(257, 1024), idx(257), 128) != "fused_cpu"
+        assert choose_strategy(x(2049), idx(2049), 128) != "fused_cpu"
+        assert choose_strategy(torch.zeros(512, 1024), idx(512), 128) == "fused_cpu"  # H=1024: 32 per expert
+        assert choose_strategy(torch.zeros(513, 1024), idx(513), 128) != "fused_cpu"
         assert choose_strategy(torch.zeros(128, 2048), idx(128), 128) == "fused_cpu"  # wider: 8 per expert
         assert choose_strategy(torch.zeros(129, 2048), idx(129), 128) != "fused_cpu"
         torch.set_num_threads(2)
-        assert choose_strategy(x(1536), idx(1536), 128) == "fused_cpu"
-        assert choose_strategy(x(1537), idx(1537), 128) != "fused_cpu"
+        assert choose_strategy(x(4096), idx(4096), 128) == "fused_cpu"
+        assert choose_strategy(x(4097), idx(4097), 128) != "fused_cpu"
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():  # and the layer's "auto" output is the kernel's
