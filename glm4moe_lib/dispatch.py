@@ -433,7 +433,11 @@ FUSED_CPU_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, math.in
 #: H=512, 0.89x at 64, 0.96x at 128, level at 256 (2 threads: 0.86x at 64 per thread, 0.88x at 128); at
 #: H=1024 (E=64, K=8, I=256) 0.80x at 16, 0.96x at 32, 1.07x at 64; at H=2048 (E=32, K=4, I=512) 0.87x
 #: at 8, 1.38x at 16).
-FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = ((512, 128), (1024, 32), (math.inf, 8))
+FUSED_CPU_TRAIN_MAX_PAIRS_PER_EXPERT: tuple[tuple[float, float], ...] = (
+    (512, 128),
+    (1024, 32),
+    (math.inf, 8),
+)
 
 
 def fused_cpu_max_pairs_per_expert(hidden_size: int, inference: bool) -> float:
