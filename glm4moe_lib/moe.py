@@ -99,13 +99,14 @@ class MoE(nn.Module):
         with a torch strategy, ``MoEConfig(dispatch="sorted")``, gives it). None where it does
         not apply (then the modules run as usual, and raise the errors): more tokens, softmax
         scoring, hooks on the submodules, a subclass, tensors the kernel cannot read as they are
-        (:func:`cpu_kernel.readable`), weights of other shapes than the config's, no kernel, or a
+        (:func:`cpu_kernel.readable_shaped`), weights of other shapes than the config's, no kernel, or a
         tie in the routing.
 
         It runs on every call, and at one token each microsecond here is about 1% of the call:
         so one pass of plain checks, then :func:`cpu_kernel.layer_call` (no more checks).
         """
         c = self.config
+        h = c.hidden_size
         if not (
             not torch.compiler.is_compiling()  # first: under compile, layer_applies would break the graph
             and c.scoring_func == "sigmoid"
@@ -113,8 +114,8 @@ class MoE(nn.Module):
             and c.dispatch in ("auto", "fused_cpu")
             and isinstance(x, Tensor)
             and x.dim() > 0
-            and x.shape[-1] == c.hidden_size
-            and cpu_kernel.layer_applies(x.numel() // c.hidden_size, c.num_experts_per_tok)
+            and x.shape[-1] == h
+            and cpu_kernel.layer_applies(x.numel() // h, c.num_experts_per_tok)
         ):
             return None
         # the submodules and weights from nn.Module's own dicts: each attribute through
@@ -129,7 +130,7 @@ class MoE(nn.Module):
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
         ):
             return None
-        e, h, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        e, i = c.n_routed_experts, c.moe_intermediate_size
         weights = (
             gate._parameters["weight"],  # [E, H]
             gate._buffers["e_score_correction_bias"],  # [E]
@@ -137,26 +138,35 @@ class MoE(nn.Module):
             experts._parameters["down_proj"],  # [E, H, I]
         )
         shapes = ((e, h), (e,), (e, 2 * i, h), (e, h, i))
+        sh = None
         if shared is not None:
+            if not (type(shared) is MLP and shared.act_fn is F.silu and _plain_call(shared)):
+                return None
+            projections = shared._modules
+            g, u, d = projections.get("gate_proj"), projections.get("up_proj"), projections.get("down_proj")
             if not (
-                type(shared) is MLP
-                and shared.act_fn is F.silu
-                and _plain_call(shared)
-                and shared.plain_projections()
+                type(g) is type(u) is type(d) is nn.Linear
+                and _plain_call(g)
+                and _plain_call(u)
+                and _plain_call(d)
             ):
                 return None
-            g, u, d = (shared._modules[name]._parameters["weight"] for name in MLP.PROJECTIONS)
-            weights += (g, u, d)  # [I_s, H], [I_s, H], [H, I_s]
-            shapes += ((g.shape[0], h), (g.shape[0], h), (h, g.shape[0]))
-        if not cpu_kernel.readable(x, *weights):
+            sh = (
+                g._parameters["weight"],
+                u._parameters["weight"],
+                d._parameters["weight"],
+            )  # [Is, H], [Is, H], [H, Is]
+            i_s = sh[0].shape[0]
+            weights += sh
+            shapes += ((i_s, h), (i_s, h), (h, i_s))
+        # tensors the kernel can read as they lie, weights of the config's shapes (not replaced through
+        # .data by others: then the modules run and raise their clear errors)
+        if not cpu_kernel.readable_shaped(x, weights, shapes):
             return None
-        for w, shape in zip(weights, shapes):  # weights replaced (through .data) by other shapes
-            if w.shape != shape:
-                return None
-        args = (x, *weights[:4], weights[4:] or None, c.num_experts_per_tok, c.n_group, c.topk_group,
-                c.norm_topk_prob, c.routed_scaling_factor)  # fmt: skip
+        args = (x, *weights[:4], sh, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
+                c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            if return_routing or x.numel() > cpu_kernel.TRAIN_MAX_TOKENS * c.hidden_size:
+            if return_routing or x.numel() > cpu_kernel.TRAIN_MAX_TOKENS * h:
                 return None
             return cpu_kernel.layer_train_call(*args)  # None for a tie
         done = cpu_kernel.layer_call(*args, routing=return_routing)
