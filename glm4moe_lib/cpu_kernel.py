@@ -211,28 +211,6 @@ def readable(*tensors: Tensor, contiguous: bool = True) -> bool:
     return _lib is not None or load_kernel() is not None  # (built on first use: only for tensors it can take)
 
 
-def readable_shaped(x: Tensor, weights: tuple[Tensor, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
-    """:func:`readable` for ``x`` and ``weights`` (all contiguous), each weight also of its shape in
-    ``shapes``, in one loop: ``MoE.forward``'s check at every call, where at one token each
-    microsecond of Python is about 1% of the call."""
-    if _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu") or _switched_off():
-        return False
-    f32 = torch.float32
-    if not (type(x) in _PLAIN and x.is_cpu and x.dtype is f32 and x.is_contiguous() and not _is_wrapped(x)):
-        return False
-    for t, shape in zip(weights, shapes):
-        if not (
-            type(t) in _PLAIN
-            and t.shape == shape
-            and t.is_cpu
-            and t.dtype is f32
-            and t.is_contiguous()
-            and not _is_wrapped(t)
-        ):
-            return False
-    return _lib is not None or load_kernel() is not None
-
-
 def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn=F.silu) -> str | None:
     """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler,
     plain tensors, and no TorchDispatchMode watching (a FLOP counter or an op counter would not
@@ -596,8 +574,8 @@ def layer_train_call(
         x.data_ptr(), tokens, hidden, router_weight.data_ptr(), None if bias is None else bias.data_ptr(),
         num_experts, top_k, n_group, topk_group, int(norm_topk_prob), routed_scaling_factor,
         gate_up.data_ptr(), down.data_ptr(), inter,
-        *((None, None, None) if shared is None else (t.data_ptr() for t in shared)), inter_shared,
-        work.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), offsets.data_ptr(), order.data_ptr(),
+        *((None, None, None) if shared is None else (shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr())),
+        inter_shared, work.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), offsets.data_ptr(), order.data_ptr(),
         hsave.data_ptr(), sh_hsave.data_ptr(), out.data_ptr(), work[tokens * num_experts :].data_ptr(),
     )  # fmt: skip
     if tie:

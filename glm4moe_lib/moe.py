@@ -99,7 +99,7 @@ class MoE(nn.Module):
         with a torch strategy, ``MoEConfig(dispatch="sorted")``, gives it). None where it does
         not apply (then the modules run as usual, and raise the errors): more tokens, softmax
         scoring, hooks on the submodules, a subclass, tensors the kernel cannot read as they are
-        (:func:`cpu_kernel.readable_shaped`), weights of other shapes than the config's, no kernel, or a
+        (:func:`cpu_kernel.readable`), weights of other shapes than the config's, no kernel, or a
         tie in the routing.
 
         It runs on every call, and at one token each microsecond here is about 1% of the call:
@@ -159,10 +159,11 @@ class MoE(nn.Module):
             i_s = sh[0].shape[0]
             weights += sh
             shapes += ((i_s, h), (i_s, h), (h, i_s))
-        # tensors the kernel can read as they lie, weights of the config's shapes (not replaced through
-        # .data by others: then the modules run and raise their clear errors)
-        if not cpu_kernel.readable_shaped(x, weights, shapes):
+        if not cpu_kernel.readable(x, *weights):
             return None
+        for w, shape in zip(weights, shapes):  # weights replaced (through .data) by other shapes
+            if w.shape != shape:
+                return None
         args = (x, *weights[:4], sh, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
                 c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):

@@ -324,48 +324,9 @@ static void rows_dot_n(const float *w, int64_t m, int64_t n, const float *const 
     }
 }
 
-/* Two matrices' rows j at once: out_a[r][j] = wa[j, :] . x[r] and out_b[r][j] = wb[j, :] . x[r] for
- * r < NR, j < m: two streams from memory at once, each token vector loaded once for both rows, each
- * row summed exactly as rows_dot sums it (bitwise the same results): an odd m's last row of
- * rows_dot_quad. */
-static inline __attribute__((always_inline)) void rows_dot_pair(const float *wa, const float *wb, int64_t m,
-                                                                int64_t n, const float *const *x, const int NR,
-                                                                float *const *out_a, float *const *out_b,
-                                                                read_ahead *ra) {
-    const int64_t n1 = n - n % VL;
-    for (int64_t j = 0; j < m; j++) {
-        const float *aj = wa + j * n, *bj = wb + j * n;
-        vec acc[2][RB_QUAD];
-        for (int r = 0; r < NR; r++) acc[0][r] = acc[1][r] = (vec){0};
-        for (int64_t h = 0; h < n1; h += VL) {
-            const vec va = load(aj + h), vb = load(bj + h);
-            for (int r = 0; r < NR; r++) {
-                const vec xv = load(x[r] + h);
-                acc[0][r] += va * xv;
-                acc[1][r] += vb * xv;
-            }
-        }
-        if (ra) {
-            read_ahead_step(ra);
-            read_ahead_step(ra);
-        }
-        float s[2][RB_QUAD];
-        hsum_many(acc[0], NR, s[0]);
-        hsum_many(acc[1], NR, s[1]);
-        for (int r = 0; r < NR; r++) {
-            for (int64_t t = n1; t < n; t++) {
-                s[0][r] = madd(aj[t], x[r][t], s[0][r]);
-                s[1][r] = madd(bj[t], x[r][t], s[1][r]);
-            }
-            out_a[r][j] = s[0][r];
-            out_b[r][j] = s[1][r];
-        }
-    }
-}
-
 /* Four streams from memory at once, for passes of 1 to RB_QUAD tokens: rows j and j + m/2 of both wa and
  * wb (gate and up; or the four quarters of down), each token vector loaded once for all four rows, each
- * row summed exactly as rows_dot sums it: bitwise the same results (an odd m's last row by rows_dot_pair).
+ * row summed exactly as rows_dot sums it: bitwise the same results (an odd m's last row by rows_dot).
  * A token or two do too little work per weight for one stream's loads to keep memory busy. Measured
  * (1 thread, in-process A/B of the layer's forward, bench size): with one token about 2% faster than
  * two streams (seven runs: -5% to +7%; eight streams were 10% slower); with passes of two tokens too
@@ -411,13 +372,14 @@ static inline __attribute__((always_inline)) void rows_dot_quad(const float *wa,
             out_b[r][j + m2] = s[3][r];
         }
     }
-    if (m % 2) { /* the last row of an odd m */
+    if (m % 2) { /* the last row of an odd m, of each matrix */
         float *last_a[RB_QUAD], *last_b[RB_QUAD];
         for (int r = 0; r < NR; r++) {
             last_a[r] = out_a[r] + m - 1;
             last_b[r] = out_b[r] + m - 1;
         }
-        rows_dot_pair(wa + (m - 1) * n, wb + (m - 1) * n, 1, n, x, NR, last_a, last_b, ra);
+        rows_dot_n(wa + (m - 1) * n, 1, n, x, NR, last_a, ra);
+        rows_dot_n(wb + (m - 1) * n, 1, n, x, NR, last_b, ra);
     }
 }
 
