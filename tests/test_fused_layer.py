@@ -192,6 +192,34 @@ def test_router_in_c_equals_torch_on_many_tokens():
         assert torch.equal(routing.topk_indices, ref.topk_indices[:8])
 
 
+@pytest.mark.parametrize("experts, hidden", [(16, 64), (15, 41), (13, 40)])
+def test_router_logits_of_every_pass_size_are_the_same_bits(experts, hidden):
+    """The C router's logits in passes of 1 to 9 tokens (four rows at a time for up to two, one row or
+    two for more) are, for each token, bitwise what it gets alone: its routing cannot depend on the
+    batch. Odd expert counts and widths take the leftover rows and columns."""
+    cfg = preset(
+        "tiny", hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=2, n_shared_experts=0
+    )
+    moe, _ = _layers(cfg, seed=4)
+    c = moe.config
+    x = torch.randn(9, hidden)
+
+    def logits(tokens: torch.Tensor) -> torch.Tensor:
+        done = cpu_kernel.layer_forward(
+            tokens, moe.gate.weight, moe.gate.e_score_correction_bias, moe.experts.gate_up_proj,
+            moe.experts.down_proj, None, c.num_experts_per_tok, 1, 1, c.norm_topk_prob, c.routed_scaling_factor,
+        )  # fmt: skip
+        assert done is not None  # (no ties in random data)
+        return done[1]
+
+    alone = torch.cat([logits(x[t : t + 1]) for t in range(9)])
+    torch.testing.assert_close(alone, x @ moe.gate.weight.detach().T, rtol=1e-5, atol=1e-5)
+    for n in range(2, 10):
+        together = logits(x[:n])
+        for t in range(n):
+            assert torch.equal(together[t], alone[t]), f"token {t} of a pass of {n}"
+
+
 def test_only_where_it_applies(calls):
     moe, _ = _layers(CONFIGS["plain"])
     x = torch.randn(4, 64)

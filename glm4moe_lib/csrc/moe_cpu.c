@@ -559,7 +559,17 @@ static int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weig
             xr[r] = x + (t + r) * H;
             lr[r] = logits + (t + r) * E;
         }
-        rows_dot_n(weight, E, H, xr, nr, lr, NULL);
+        if (nr <= RB_QUAD) { /* a token or two: four rows at a time (each summed as rows_dot sums it) */
+            const int64_t half = E / 2;
+            float *lb[RB_QUAD];
+            for (int r = 0; r < nr; r++) lb[r] = lr[r] + half;
+            rows_dot_quad_n(weight, weight + half * H, half, H, xr, nr, lr, lb, NULL);
+            if (E % 2) { /* the last row of an odd E */
+                for (int r = 0; r < nr; r++) lb[r] = lr[r] + E - 1;
+                rows_dot_n(weight + (E - 1) * H, 1, H, xr, nr, lb, NULL);
+            }
+        } else
+            rows_dot_n(weight, E, H, xr, nr, lr, NULL);
     }
     const int grouped = n_group > 1 && topk_group < n_group;
     const int64_t per_group = E / n_group;
