@@ -325,13 +325,15 @@ static void rows_dot_n(const float *w, int64_t m, int64_t n, const float *const 
 }
 
 /* Four streams from memory at once, for passes of 1 to RB_QUAD tokens: rows j and j + m/2 of both wa and
- * wb (gate and up; or the four quarters of down), each token vector loaded once for all four rows, each
- * row summed exactly as rows_dot sums it: bitwise the same results (an odd m's last row by rows_dot).
+ * wb (gate and up; the four quarters of down; the router's two halves), each token vector loaded once for
+ * all four rows, each row summed exactly as rows_dot sums it: bitwise the same results (an odd m's last row
+ * by rows_dot).
  * A token or two do too little work per weight for one stream's loads to keep memory busy. Measured
  * (1 thread, in-process A/B of the layer's forward, bench size): with one token about 2% faster than
  * two streams (seven runs: -5% to +7%; eight streams were 10% slower); with passes of two tokens too
  * (RB_QUAD 2), 4-10% faster at T=16 and level at T=64. Passes of 3-4 tokens this way measured level at
- * T=16 and 3-10% slower at T=64 (where rows_dot's stream_ahead pays), so they keep rows_dot. */
+ * T=16 and 3-10% slower at T=64 (where rows_dot's stream_ahead pays), so they keep rows_dot (again level
+ * at T=16-256 for 3 tokens, a later session). */
 static inline __attribute__((always_inline)) void rows_dot_quad(const float *wa, const float *wb, int64_t m,
                                                                 int64_t n, const float *const *x, const int NR,
                                                                 float *const *out_a, float *const *out_b,
