@@ -34,8 +34,6 @@ def _plain_call(module: nn.Module | None) -> bool:
 class MLP(nn.Module):
     """A SwiGLU MLP with transformers' names (gate_proj, up_proj, down_proj): the shared expert."""
 
-    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -43,18 +41,29 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT_FNS[hidden_act]
 
-    def plain_projections(self) -> bool:
-        """Whether its three projections are plain ``nn.Linear`` calls (no hooks, nothing patched
-        in): only then may the C kernel compute them in their place."""
-        modules = self._modules  # (not through nn.Module.__getattr__: this runs on every call)
-        return all(
-            type(modules.get(name)) is nn.Linear and _plain_call(modules[name]) for name in self.PROJECTIONS
-        )
+    def plain_weights(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The projections' weights (gate [I, H], up [I, H], down [H, I]) if all three are plain
+        ``nn.Linear`` calls without a bias (no hooks, nothing patched in), else None: only then may
+        the C kernel compute them in their place. Through the modules' own dicts, not
+        nn.Module.__getattr__ (about 1 us each): this runs on every call."""
+        modules = self._modules
+        g, u, d = modules.get("gate_proj"), modules.get("up_proj"), modules.get("down_proj")
+        if not (
+            type(g) is type(u) is type(d) is nn.Linear
+            and _plain_call(g)
+            and _plain_call(u)
+            and _plain_call(d)
+            and g._parameters.get("bias") is None
+            and u._parameters.get("bias") is None
+            and d._parameters.get("bias") is None
+        ):
+            return None
+        return g._parameters["weight"], u._parameters["weight"], d._parameters["weight"]
 
     def forward(self, x: Tensor) -> Tensor:  # [..., H] -> [..., H]
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         cpu_kernel.check_mlp_shapes(x, *weights)  # a clear error, not one from inside a matmul
-        if cpu_kernel.mlp_applies(x, *weights, self.act_fn) and self.plain_projections():
+        if cpu_kernel.mlp_applies(x, *weights, self.act_fn) and self.plain_weights() is not None:
             return cpu_kernel.swiglu_mlp(x, *weights)  # a few tokens, float32 CPU inference: one C call
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 

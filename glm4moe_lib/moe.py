@@ -142,20 +142,9 @@ class MoE(nn.Module):
         if shared is not None:
             if not (type(shared) is MLP and shared.act_fn is F.silu and _plain_call(shared)):
                 return None
-            projections = shared._modules
-            g, u, d = projections.get("gate_proj"), projections.get("up_proj"), projections.get("down_proj")
-            if not (
-                type(g) is type(u) is type(d) is nn.Linear
-                and _plain_call(g)
-                and _plain_call(u)
-                and _plain_call(d)
-            ):
+            sh = shared.plain_weights()  # [Is, H], [Is, H], [H, Is]
+            if sh is None:
                 return None
-            sh = (
-                g._parameters["weight"],
-                u._parameters["weight"],
-                d._parameters["weight"],
-            )  # [Is, H], [Is, H], [H, Is]
             i_s = sh[0].shape[0]
             weights += sh
             shapes += ((i_s, h), (i_s, h), (h, i_s))

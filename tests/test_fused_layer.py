@@ -271,6 +271,30 @@ def test_a_hook_on_a_shared_projection_sees_it_run(calls):
     assert calls == [] and seen == [torch.Size([1, moe.shared_experts.up_proj.out_features])]
 
 
+@pytest.mark.parametrize("name", ["gate_proj", "up_proj", "down_proj"])
+def test_a_shared_projection_with_a_bias_is_computed_by_its_module(name, calls):
+    """The kernel has no bias: a projection swapped for an nn.Linear with one hands the layer (and the
+    shared expert on its own) back to the modules, whose answer includes the bias."""
+    moe, _ = _layers(CONFIGS["plain"])
+    shared = moe.shared_experts
+    old = getattr(shared, name)
+    biased = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(old.weight)
+        biased.bias.fill_(0.5)
+    setattr(shared, name, biased)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        out = moe(x)
+        routing = moe.gate(x)
+        mlp = shared.down_proj(shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x))
+        ref = moe.experts(x, routing.topk_indices, routing.topk_weights) + mlp
+        alone = shared(x[:1])
+    assert calls == []
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alone, mlp[:1])
+
+
 def test_switched_off_at_run_time(calls, monkeypatch):
     moe, _ = _layers(CONFIGS["plain"])
     x = torch.randn(1, 64)
