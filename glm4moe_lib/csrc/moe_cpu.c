@@ -402,6 +402,20 @@ static void rows_dot_quad_n(const float *wa, const float *wb, int64_t m, int64_t
     }
 }
 
+/* One matrix w [m, n] through rows_dot_quad as its two halves (rows j, j + m/4, j + m/2, j + 3m/4), for
+ * 1 <= nr <= RB_QUAD tokens; an odd m's last row by rows_dot: the down projection and the router */
+static void rows_dot_halves(const float *w, int64_t m, int64_t n, const float *const *x, int nr,
+                            float *const *out, read_ahead *ra) {
+    const int64_t half = m / 2;
+    float *second[RB_QUAD] = {NULL};
+    for (int r = 0; r < nr; r++) second[r] = out[r] + half;
+    rows_dot_quad_n(w, w + half * n, half, n, x, nr, out, second, ra);
+    if (m % 2) { /* the last row of an odd m */
+        for (int r = 0; r < nr; r++) second[r] = out[r] + m - 1;
+        rows_dot_n(w + (m - 1) * n, 1, n, x, nr, second, ra);
+    }
+}
+
 /* Counting sort of the T*K pairs by expert: offsets [E+1] (block e is offsets[e]:offsets[e+1]),
  * order [T*K] (pair indices t*K+k, grouped by expert, in token order within an expert).
  * Returns -1 - p for the first pair p whose expert id is outside [0, E), else 0. */
@@ -435,20 +449,9 @@ static void swiglu_rows(const float *gate, const float *up, const float *down, i
     if (hr)
         for (int r = 0; r < nr; r++) memcpy(hr[r], g[r], (size_t)(2 * I) * sizeof(float));
     for (int r = 0; r < nr; r++) swish_n(g[r], u[r], a[r], I, 1); /* silu(gate) * up */
-    if (nr <= RB_QUAD) { /* a few tokens: four rows of down (two in each half) read together */
-        const int64_t h2 = H / 2;
-        float *ya[RB_QUAD] = {NULL}, *yb[RB_QUAD] = {NULL};
-        for (int r = 0; r < nr; r++) {
-            ya[r] = yr[r];
-            yb[r] = yr[r] + h2;
-        }
-        rows_dot_quad_n(down, down + h2 * I, h2, I, (const float *const *)a, nr, ya, yb, ra);
-        if (H % 2) { /* the last row of an odd H */
-            float *last[RB_QUAD];
-            for (int r = 0; r < nr; r++) last[r] = yr[r] + 2 * h2;
-            rows_dot_n(down + 2 * h2 * I, 1, I, (const float *const *)a, nr, last, ra);
-        }
-    } else
+    if (nr <= RB_QUAD) /* a few tokens: four rows of down (two in each half) read together */
+        rows_dot_halves(down, H, I, (const float *const *)a, nr, yr, ra);
+    else
         rows_dot_n(down, H, I, (const float *const *)a, nr, yr, ra);
 }
 
@@ -561,16 +564,9 @@ static int64_t moe_route(const float *x, int64_t T, int64_t H, const float *weig
             xr[r] = x + (t + r) * H;
             lr[r] = logits + (t + r) * E;
         }
-        if (nr <= RB_QUAD) { /* a token or two: four rows at a time (each summed as rows_dot sums it) */
-            const int64_t half = E / 2;
-            float *lb[RB_QUAD];
-            for (int r = 0; r < nr; r++) lb[r] = lr[r] + half;
-            rows_dot_quad_n(weight, weight + half * H, half, H, xr, nr, lr, lb, NULL);
-            if (E % 2) { /* the last row of an odd E */
-                for (int r = 0; r < nr; r++) lb[r] = lr[r] + E - 1;
-                rows_dot_n(weight + (E - 1) * H, 1, H, xr, nr, lb, NULL);
-            }
-        } else
+        if (nr <= RB_QUAD) /* a token or two: four rows at a time (each summed as rows_dot sums it) */
+            rows_dot_halves(weight, E, H, xr, nr, lr, NULL);
+        else
             rows_dot_n(weight, E, H, xr, nr, lr, NULL);
     }
     const int grouped = n_group > 1 && topk_group < n_group;
