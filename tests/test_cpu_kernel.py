@@ -112,19 +112,50 @@ def test_silu_over_the_whole_float_range():
     torch.testing.assert_close(out[finite] / scale, ref[finite] / scale, rtol=1e-5, atol=2e-6)
 
 
+def _threads_used(openmp: bool):
+    """Run the kernel's parallel calls on torch's OpenMP threads (openmp) or on Python's pool only:
+    the other route raises, so a test that passes took the one it names."""
+
+    def no_pool(*args, **kwargs):
+        if cpu_kernel._threads(args[2]) > 1:
+            raise AssertionError("the Python pool ran where the OpenMP call should have")
+        return parallel(*args, **kwargs)
+
+    parallel = cpu_kernel._parallel
+    if openmp:
+        if not cpu_kernel._openmp:
+            pytest.skip("the kernel does not share torch's OpenMP runtime here")
+        return patch.object(cpu_kernel, "_parallel", no_pool)
+    return patch.object(cpu_kernel, "_openmp", False)
+
+
 @needs_kernel
-def test_same_result_with_any_thread_count():
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "pool"])
+def test_same_result_with_any_thread_count(openmp):
     x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
-        torch.set_num_threads(3)  # three expert ranges, run by three Python threads
+        torch.set_num_threads(3)  # three expert ranges, run by three threads
         assert len(cpu_kernel._chunks(torch.tensor([0, 900, 1500, 2000, 2400]), 2400, 3)) == 3
-        many = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+        with _threads_used(openmp):
+            many = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)  # each pair is computed alone, the K slots summed in one order
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    not (__import__("sys").platform.startswith("linux") and torch._C.has_openmp),
+    reason="the OpenMP build applies on Linux where torch runs on GNU OpenMP",
+)
+def test_the_kernel_runs_on_torchs_own_openmp_threads():
+    # built with -fopenmp, its libgomp.so.1 is the one torch loaded: one runtime, one set of threads
+    # (a second runtime's threads would compete with torch's for the cores)
+    assert cpu_kernel._openmp and cpu_kernel._lib.moe_openmp() == 1
+    assert len(cpu_kernel._gomp_paths()) == 1, cpu_kernel._gomp_paths()
 
 
 def test_expert_ranges_cover_every_expert_once():
@@ -365,8 +396,36 @@ def fresh_kernel_state(monkeypatch, tmp_path):
     """A cold cache in tmp_path, and no kernel loaded yet (restored afterwards)."""
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setattr(cpu_kernel, "_why_not", None)
+    monkeypatch.setattr(cpu_kernel, "_openmp", False)
     monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def test_without_openmp_the_kernel_still_builds_and_splits_with_python_threads(
+    fresh_kernel_state, monkeypatch, tmp_path
+):
+    compiler = cpu_kernel._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    no_openmp = tmp_path / "cc-no-openmp"  # a compiler that cannot build with -fopenmp
+    no_openmp.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP here" >&2; exit 1; }}; done\n'
+        f'exec {compiler} "$@"\n'
+    )
+    no_openmp.chmod(0o755)
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: str(no_openmp))
+    assert cpu_kernel.load_kernel() is not None and not cpu_kernel._openmp
+    assert cpu_kernel._lib.moe_openmp() == 0
+    x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+        torch.set_num_threads(2)
+        two = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)  # the Python pool's two ranges
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
 
 
 def test_a_failed_build_falls_back_and_says_why(fresh_kernel_state, monkeypatch, tmp_path):
@@ -510,7 +569,8 @@ def test_backward_at_the_block_boundaries(hidden, inter):
 
 
 @needs_kernel
-def test_backward_same_with_any_thread_count_and_only_the_asked_gradients():
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "pool"])
+def test_backward_same_with_any_thread_count_and_only_the_asked_gradients(openmp):
     x, idx, w, gu, dn = _problem(400, 16, 4, 64, 32, skew=True, grad=True)
     g_out = torch.randn_like(x)
     threads = torch.get_num_threads()
@@ -518,7 +578,10 @@ def test_backward_same_with_any_thread_count_and_only_the_asked_gradients():
         torch.set_num_threads(1)
         one = torch.autograd.grad(cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn), (x, w, gu, dn), g_out)
         torch.set_num_threads(3)
-        many = torch.autograd.grad(cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn), (x, w, gu, dn), g_out)
+        with _threads_used(openmp):
+            many = torch.autograd.grad(
+                cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn), (x, w, gu, dn), g_out
+            )
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
@@ -537,12 +600,14 @@ def test_threads_work_in_a_forked_child():
     x, idx, w, gu, dn = _problem(400, 16, 4, 64, 32)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        expected = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)  # the parent's thread pool exists now
+    try:  # the parent's threads exist now: torch's OpenMP ones (where the kernel shares them), else a pool
+        expected = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
     finally:
         torch.set_num_threads(threads)
-    assert cpu_kernel._pool is not None
-    with mp.get_context("fork").Pool(1) as pool:  # the child must make its own pool
+    assert cpu_kernel._openmp or cpu_kernel._pool is not None
+    # the child must not use libgomp's threads (they do not survive a fork: it would hang) but make
+    # its own pool
+    with mp.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(_fused_in_child, (x, idx, w, gu, dn)).get(timeout=60)
     assert torch.equal(torch.tensor(got), expected)
 
