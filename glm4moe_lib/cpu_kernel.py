@@ -176,9 +176,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_experts_bwd.restype = None
     lib.moe_combine.argtypes, lib.moe_combine.restype = [p, p, i64, i64, i64, p, p], None
     lib.moe_layer.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, p, p, i64]
-    lib.moe_layer.argtypes += [p, p, p, i64, p, p, p, p, p, p]
+    lib.moe_layer.argtypes += [p, p, p, i64, p, p, p, p, p, p, i64]
     lib.moe_layer.restype = i64
-    lib.moe_layer_train.argtypes = lib.moe_layer.argtypes[:-2] + [p, p, p, p, p, p]
+    lib.moe_layer_train.argtypes = lib.moe_layer.argtypes[:-3] + [p, p, p, p, p, p, i64]
     lib.moe_layer_train.restype = i64
     # x, T, H, router_w, E, K, norm, scale, gate_up, down, I, the shared expert's 3 weights and Is, then 16 pointers
     lib.moe_layer_bwd.argtypes = [p, i64, i64, p, i64, i64, ctypes.c_int, ctypes.c_float, p, p, i64, p, p, p, i64]  # fmt: skip
@@ -521,8 +521,8 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return y.reshape(*shape[:-1], down.shape[0])
 
 
-#: ``MoE.forward`` runs the whole layer in one C call up to this many tokens (on one thread: see
-#: :func:`layer_applies`). Measured at the bench size, 1 thread, in the layer's real setting (each call
+#: ``MoE.forward`` runs the whole layer in one C call up to this many tokens (see
+#: :func:`layer_threads`). Measured at the bench size, 1 thread, in the layer's real setting (each call
 #: streams tens of MB of expert weights, which evicts the router's and the shared expert's weights and
 #: torch's code from the caches): one C call 7-16% faster than the modules at T=12-32, about 7% at
 #: T=40-64 (1-13% over three runs, once passes of 5+ tokens read two rows at once), 2-4% at T=96,
@@ -532,9 +532,14 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
 LAYER_MAX_TOKENS = 64
 
 
-def layer_applies(tokens: int, top_k: int) -> bool:
-    """Whether :func:`layer_forward` should run a call on ``tokens`` tokens (inference)."""
-    return tokens <= LAYER_MAX_TOKENS and _threads(tokens * top_k) == 1
+def layer_threads(tokens: int, top_k: int) -> int:
+    """On how many threads :func:`layer_call` should run a call on ``tokens`` tokens (inference),
+    or 0 where the modules should: more than ``LAYER_MAX_TOKENS`` tokens, or pairs enough for
+    several threads where the kernel cannot run them on torch's own (:func:`_openmp_threads`)."""
+    if tokens > LAYER_MAX_TOKENS:
+        return 0
+    threads = _threads(tokens * top_k)
+    return 1 if threads == 1 else _openmp_threads(tokens * top_k)
 
 
 def layer_forward(
@@ -559,7 +564,7 @@ def layer_forward(
     one C call on one thread instead of some twenty torch ops (at one token those ops cost more
     than reading the weights). Returns None when two of a token's K+1 best choices tie (or one is
     not finite): torch's topk decides ties its own way, so then the caller routes with torch.
-    The caller checks :func:`unsupported` first (and :func:`layer_applies` for the speed).
+    The caller checks :func:`unsupported` first (and :func:`layer_threads` for the speed). One thread.
     """
     check_expert_shapes(x, gate_up, down)
     num_experts, hidden, _ = down.shape
@@ -594,6 +599,7 @@ def layer_call(
     norm_topk_prob: bool,
     routed_scaling_factor: float,
     routing: bool = True,
+    threads: int = 1,
 ):
     """:func:`layer_forward` without its checks: the C call and its buffers, nothing else.
 
@@ -603,7 +609,9 @@ def layer_call(
     of that (:func:`readable` and the shapes), since at one token every microsecond of Python is
     a percent of the call. With ``routing=False`` the router's outputs stay in the scratch and only
     ``out`` (x's shape) is returned; else ``(out, logits, scores, topk_weights, topk_indices)``.
-    None for a tie (see layer_forward).
+    None for a tie (see layer_forward). ``threads`` > 1 only where :func:`layer_threads` says so
+    (torch's OpenMP threads): each computes some tokens' routing and shared expert and some
+    experts, the same bits as one thread.
     """
     num_experts, hidden, inter = down.shape
     tokens = x.numel() // hidden
@@ -612,7 +620,7 @@ def layer_call(
     out = torch.empty_like(x)  # [..., H] (x is contiguous: so is out)
     # the C scratch: offsets, order (int64), the [T*K, H] slots, the shared output, the rows' scratch
     scratch = 2 * (num_experts + 1) + 2 * pairs + pairs * hidden + tokens * hidden
-    scratch += _ROWS_PER_PASS * 3 * max(inter, inter_shared)
+    scratch += threads * _ROWS_PER_PASS * 3 * max(inter, inter_shared)
     if routing:
         logits = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
         scores = torch.empty(tokens, num_experts, dtype=torch.float32)  # [T, E]
@@ -632,7 +640,7 @@ def layer_call(
         num_experts, top_k, n_group, topk_group, int(norm_topk_prob), routed_scaling_factor,
         gate_up.data_ptr(), down.data_ptr(), inter,
         *((None, None, None) if shared is None else (shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr())),
-        inter_shared, *at[:4], out.data_ptr(), at[4],
+        inter_shared, *at[:4], out.data_ptr(), at[4], threads,
     )  # fmt: skip
     if tie:
         return None
@@ -640,7 +648,7 @@ def layer_call(
 
 
 #: ``MoE.forward`` with gradients runs the whole layer through :class:`_FusedLayer` (forward and
-#: backward each one C call) up to this many tokens, on one thread (:func:`layer_applies`). Measured
+#: backward each one C call) up to this many tokens, on one thread (:func:`layer_threads` says 1). Measured
 #: at the bench size, 1 thread, forward + backward against the modules (torch router and shared
 #: expert around the experts' own kernel, under autograd): 0.66x the time at T=1, 0.82x at T=4,
 #: 0.91x at T=16-32, 0.94x at T=64 (skewed routing: 0.87x at T=16, 0.92x at T=64); 0.97-0.99x at
@@ -690,7 +698,7 @@ def layer_train_call(
         gate_up.data_ptr(), down.data_ptr(), inter,
         *((None, None, None) if shared is None else (shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr())),
         inter_shared, work.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), offsets.data_ptr(), order.data_ptr(),
-        hsave.data_ptr(), sh_hsave.data_ptr(), out.data_ptr(), work[tokens * num_experts :].data_ptr(),
+        hsave.data_ptr(), sh_hsave.data_ptr(), out.data_ptr(), work[tokens * num_experts :].data_ptr(), 1,
     )  # fmt: skip
     if tie:
         return None

@@ -108,14 +108,14 @@ class MoE(nn.Module):
         c = self.config
         h = c.hidden_size
         if not (
-            not torch.compiler.is_compiling()  # first: under compile, layer_applies would break the graph
+            not torch.compiler.is_compiling()  # first: under compile, layer_threads would break the graph
             and c.scoring_func == "sigmoid"
             and c.hidden_act == "silu"
             and c.dispatch in ("auto", "fused_cpu")
             and isinstance(x, Tensor)
             and x.dim() > 0
             and x.shape[-1] == h
-            and cpu_kernel.layer_applies(x.numel() // h, c.num_experts_per_tok)
+            and (threads := cpu_kernel.layer_threads(x.numel() // h, c.num_experts_per_tok))
         ):
             return None
         # the submodules and weights from nn.Module's own dicts: each attribute through
@@ -156,10 +156,10 @@ class MoE(nn.Module):
         args = (x, *weights[:4], sh, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
                 c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            if return_routing or x.numel() > cpu_kernel.TRAIN_MAX_TOKENS * h:
+            if return_routing or x.numel() > cpu_kernel.TRAIN_MAX_TOKENS * h or threads > 1:
                 return None
             return cpu_kernel.layer_train_call(*args)  # None for a tie
-        done = cpu_kernel.layer_call(*args, routing=return_routing)
+        done = cpu_kernel.layer_call(*args, routing=return_routing, threads=threads)
         if done is None or not return_routing:  # None: a tie, which torch's topk decides
             return done
         out, logits, scores, weights, indices = done

@@ -6,6 +6,8 @@ modules must run (routing returned with gradients, hooks, softmax, other sizes).
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
@@ -52,7 +54,7 @@ def _modules_path(moe: MoE, x: torch.Tensor):
 
 @pytest.fixture
 def one_thread():
-    """torch on one thread (the one-call path takes more tokens there: see layer_applies)."""
+    """torch on one thread (the one-call path then runs on one thread: see layer_threads)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -118,25 +120,80 @@ def test_bench_layer_and_leading_dimensions(calls):
     torch.testing.assert_close(out.reshape(-1, 512), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_a_few_tokens_on_one_thread_only(calls):
-    """Beyond LAYER_MAX_TOKENS the BLAS runs the router and the shared expert faster; with pairs
-    enough for two threads the experts are split over threads by the modules' path."""
+def test_a_few_tokens_on_as_many_threads_as_pairs_pay_for(calls):
+    """Beyond LAYER_MAX_TOKENS the modules run the layer; with pairs enough for two threads the one
+    call runs on two of torch's OpenMP threads where the kernel shares them, else the modules do
+    (their experts' ranges then on Python threads)."""
     moe, _ = _layers(CONFIGS["grouped"])
     threads = torch.get_num_threads()
+    most = cpu_kernel.LAYER_MAX_TOKENS
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
-            moe(torch.randn(cpu_kernel.LAYER_MAX_TOKENS, 40))
+            moe(torch.randn(most, 40))
             assert calls == [True]
-            moe(torch.randn(cpu_kernel.LAYER_MAX_TOKENS + 1, 40))
+            moe(torch.randn(most + 1, 40))
             assert calls == [True]
-            most = cpu_kernel.LAYER_MAX_TOKENS
-            assert cpu_kernel.layer_applies(most, 8) and not cpu_kernel.layer_applies(most + 1, 8)
+            assert cpu_kernel.layer_threads(most, 8) == 1 and cpu_kernel.layer_threads(most + 1, 8) == 0
             torch.set_num_threads(2)
-            assert not cpu_kernel.layer_applies(8, 16)  # 128 pairs: two threads' worth
-            assert cpu_kernel.layer_applies(8, 8)
+            assert cpu_kernel.layer_threads(8, 8) == 1  # 64 pairs: one thread's worth
+            assert cpu_kernel.layer_threads(8, 16) == (2 if cpu_kernel._openmp else 0)  # 128 pairs: two
+            assert cpu_kernel.layer_threads(most + 1, 8) == 0
+            with patch.object(cpu_kernel, "_openmp", False):
+                assert cpu_kernel.layer_threads(8, 16) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
+@pytest.mark.parametrize("name", CONFIGS)
+def test_two_threads_give_the_bits_of_one(name, calls):
+    if not cpu_kernel._openmp:
+        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+    moe, _ = _layers(CONFIGS[name])
+    top_k, threads = moe.config.num_experts_per_tok, torch.get_num_threads()
+    # from the fewest tokens that give two threads to LAYER_MAX_TOKENS, and counts that split unevenly
+    first = -(-2 * cpu_kernel.MIN_PAIRS_PER_THREAD // top_k)
+    most = cpu_kernel.LAYER_MAX_TOKENS
+    counts = sorted(t for t in {first, first + 1, first + 9, most - 1, most} if first <= t <= most)
+    if not counts:
+        pytest.skip(f"top-{top_k}: up to {most} tokens are one thread's worth of pairs")
+    try:
+        for tokens in counts:
+            x = torch.randn(tokens, moe.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+            with torch.no_grad():
+                torch.set_num_threads(1)
+                one, one_routing = moe(x, return_routing=True)
+                torch.set_num_threads(2)
+                assert cpu_kernel.layer_threads(tokens, top_k) == 2
+                two, two_routing = moe(x, return_routing=True)
+                two_out = moe(x)  # without the routing: its outputs stay in the C scratch
+            for a, b in zip((one, *one_routing), (two, *two_routing)):
+                assert torch.equal(a, b), f"T={tokens}: two threads changed the result"
+            assert torch.equal(two_out, one)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [True] * 3 * len(counts)
+
+
+def test_two_threads_hand_a_tie_in_either_half_back_to_torch(calls):
+    if not cpu_kernel._openmp:
+        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+    moe = MoE(preset("bench")).eval()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for tied in (3, 29):  # a token of the first thread's range, then of the second's
+            x = torch.randn(32, 512, generator=torch.Generator().manual_seed(tied))
+            x[tied] = 0.0  # every score 0.5: a tie torch's topk decides
+            with torch.no_grad():
+                out, routing = moe(x, return_routing=True)
+                ref, ref_routing = _modules_path(moe, x)
+            assert torch.equal(routing.topk_indices, ref_routing.topk_indices)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [False, False]  # the C call ran and gave the tokens back to torch
 
 
 def test_ties_are_left_to_torch(calls):

@@ -881,6 +881,7 @@ int64_t moe_openmp(void) {
 #endif
 }
 
+#if defined(_OPENMP)
 /* [e0, e1): part `part` of `parts` ranges of about equal pair counts (cpu_kernel._chunks' split) */
 static void expert_range(const int64_t *offsets, int64_t E, int64_t part, int64_t parts, int64_t *e0, int64_t *e1) {
     const int64_t pairs = offsets[E];
@@ -898,6 +899,7 @@ static void expert_range(const int64_t *offsets, int64_t E, int64_t part, int64_
     *e0 = bound[0];
     *e1 = bound[1] > bound[0] ? bound[1] : bound[0];
 }
+#endif
 
 /* moe_experts over all E experts on `threads` threads; scratch: threads * scratch_floats floats */
 void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *offsets, int64_t E, int64_t K,
@@ -941,19 +943,70 @@ void moe_experts_bwd_parallel(const float *x, const int64_t *order, const int64_
 
 /* ---- the whole layer (one thread): forward for inference and training, backward ------------- */
 
+#if defined(_OPENMP)
+/* [t0, t1): part `part` of `parts` ranges of T tokens, whole passes of RB tokens where it can */
+static void token_range(int64_t T, int64_t part, int64_t parts, int64_t *t0, int64_t *t1) {
+    int64_t chunk = (T + parts - 1) / parts;
+    chunk = (chunk + RB - 1) / RB * RB;
+    *t0 = part * chunk < T ? part * chunk : T;
+    *t1 = *t0 + chunk < T ? *t0 + chunk : T;
+}
+#endif
+
 /* moe_layer (below) keeping what moe_layer_bwd needs: offsets [E+1] and order [T*K] (as moe_sort), hsave
  * [T*K, 2I] (each pair's gate and up pre-activations) and sh_hsave [T, 2Is] (the shared expert's; unused
  * without one; both NULL: nothing kept), beside scores [T, E], ids and w [T, K]. logits [T, E] may be scratch.
- * work: at least T * K * H + T * H + RB_MAX * 3 * max(I, Is) floats. Returns what moe_layer returns. */
+ * work: at least T * K * H + T * H + threads * RB_MAX * 3 * max(I, Is) floats. Returns what moe_layer returns.
+ * With threads > 1 (where built with OpenMP: torch's own threads) each thread routes and runs the shared
+ * expert for a range of tokens and the routed experts for a range of experts (about equal pair counts),
+ * then sums its tokens' slots: each value is computed as on one thread, so the same bits. */
 int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
                         int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
                         const float *down, int64_t I, const float *sh_gate, const float *sh_up,
                         const float *sh_down, int64_t Is, float *logits, float *scores, int64_t *ids, float *w,
-                        int64_t *offsets, int64_t *order, float *hsave, float *sh_hsave, float *out, float *work) {
+                        int64_t *offsets, int64_t *order, float *hsave, float *sh_hsave, float *out, float *work,
+                        int64_t threads) {
+    float *y = work, *shared = y + T * K * H, *scratch = shared + T * H;
+#if defined(_OPENMP)
+    if (threads > 1) {
+        const int64_t scratch_floats = RB_MAX * 3 * (I > Is ? I : Is);
+        int64_t tie = 0;
+#pragma omp parallel num_threads((int)threads)
+        {
+            const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+            int64_t t0, t1, e0, e1;
+            token_range(T, part, parts, &t0, &t1);
+            float *mine = scratch + part * scratch_floats;
+            if (t1 > t0) {
+                const int64_t t = moe_route(x + t0 * H, t1 - t0, H, router_w, bias, E, K, n_group, topk_group, norm,
+                                            scale, logits + t0 * E, scores + t0 * E, ids + t0 * K, w + t0 * K);
+                if (t) {
+#pragma omp critical(moe_layer_tie)
+                    if (!tie || t0 + t < tie) tie = t0 + t; /* the first tie over all tokens */
+                }
+            }
+#pragma omp barrier
+            if (!tie) { /* (the same for every thread: written before the barrier) */
+#pragma omp single
+                moe_sort(ids, T * K, E, offsets, order);
+                expert_range(offsets, E, part, parts, &e0, &e1);
+                if (e1 > e0) moe_experts(x, order, offsets, e0, e1, K, gate_up, down, H, I, y, mine, hsave);
+                if (sh_gate && t1 > t0)
+                    mlp_rows(x + t0 * H, t1 - t0, sh_gate, sh_up, sh_down, H, Is, shared + t0 * H, mine,
+                             sh_hsave ? sh_hsave + t0 * 2 * Is : NULL);
+#pragma omp barrier
+                if (t1 > t0)
+                    moe_combine(y + t0 * K * H, w + t0 * K, t1 - t0, K, H, sh_gate ? shared + t0 * H : NULL,
+                                out + t0 * H);
+            }
+        }
+        return tie;
+    }
+#endif
+    (void)threads;
     const int64_t tie =
         moe_route(x, T, H, router_w, bias, E, K, n_group, topk_group, norm, scale, logits, scores, ids, w);
     if (tie) return tie;
-    float *y = work, *shared = y + T * K * H, *scratch = shared + T * H;
     moe_sort(ids, T * K, E, offsets, order);
     moe_experts(x, order, offsets, 0, E, K, gate_up, down, H, I, y, scratch, hsave);
     if (sh_gate) mlp_rows(x, T, sh_gate, sh_up, sh_down, H, Is, shared, scratch, sh_hsave);
@@ -964,16 +1017,17 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
 /* moe_route, moe_sort, moe_experts, the shared expert and moe_combine in one call, for a few
  * tokens where each call from Python costs about as much as the work itself.
  * shared: sh_gate, sh_up [Is, H] and sh_down [H, Is], or NULL (Is ignored).
- * work: at least 2 * (E + 1) + 2 * T * K + T * K * H + T * H + RB_MAX * 3 * max(I, Is) floats.
- * Returns what moe_route returns (1 + t for a tie: nothing else is done), else 0. */
+ * work: at least 2 * (E + 1) + 2 * T * K + T * K * H + T * H + threads * RB_MAX * 3 * max(I, Is) floats.
+ * Returns what moe_route returns (1 + t for a tie: nothing else is done), else 0. threads: as moe_layer_train. */
 int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
                   int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
                   const float *down, int64_t I, const float *sh_gate, const float *sh_up, const float *sh_down,
-                  int64_t Is, float *logits, float *scores, int64_t *ids, float *w, float *out, float *work) {
+                  int64_t Is, float *logits, float *scores, int64_t *ids, float *w, float *out, float *work,
+                  int64_t threads) {
     int64_t *offsets = (int64_t *)work, *order = offsets + (E + 1); /* moe_layer_train, keeping nothing */
     return moe_layer_train(x, T, H, router_w, bias, E, K, n_group, topk_group, norm, scale, gate_up, down, I, sh_gate,
                            sh_up, sh_down, Is, logits, scores, ids, w, offsets, order, NULL, NULL, out,
-                           (float *)(order + T * K));
+                           (float *)(order + T * K), threads);
 }
 
 /* The backward of moe_layer_train, given grad = d out [T, H] and what it kept:
