@@ -65,6 +65,11 @@ FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contr
 _ROWS_PER_PASS = 8
 #: with more than one torch thread, at least this many (token, slot) pairs per extra thread
 MIN_PAIRS_PER_THREAD = 64
+#: the same where the kernel runs on torch's OpenMP threads (:func:`_openmp_threads`), which start
+#: in microseconds. Measured (2 threads, bench layer, the one-call layer against one thread): 0.69x
+#: the time at T=1 (8 pairs), 0.58-0.64x at T=2-8; with the weights coming from memory (decoding,
+#: six copies in turn) 0.74x at T=1 and 0.80-0.84x at T=2-8
+MIN_PAIRS_PER_OPENMP_THREAD = 4
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -375,15 +380,20 @@ def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _threads(pairs: int) -> int:
-    """How many threads :func:`_parallel` uses for ``pairs`` (token, expert) pairs."""
-    return min(torch.get_num_threads(), max(1, pairs // MIN_PAIRS_PER_THREAD))
+def _threads(pairs: int, openmp: bool = False) -> int:
+    """How many threads :func:`_parallel` (or, with ``openmp``, the kernel's OpenMP calls) uses for
+    ``pairs`` (token, expert) pairs."""
+    least = MIN_PAIRS_PER_OPENMP_THREAD if openmp else MIN_PAIRS_PER_THREAD
+    return min(torch.get_num_threads(), max(1, pairs // least))
 
 
 def _openmp_threads(pairs: int) -> int:
-    """Threads for the kernel's own parallel calls (on torch's OpenMP threads), else 0."""
-    threads = _threads(pairs)
-    return threads if threads > 1 and _openmp and os.getpid() == _openmp_pid else 0
+    """Threads (more than one) for the kernel's own parallel calls on torch's OpenMP threads, or 0:
+    one thread's worth of pairs, or no OpenMP calls here (not built with them, or a forked child)."""
+    if not (_openmp and os.getpid() == _openmp_pid):
+        return 0
+    threads = _threads(pairs, openmp=True)
+    return threads if threads > 1 else 0
 
 
 def _parallel(work, offsets: Tensor, pairs: int, num_experts: int) -> None:
@@ -538,8 +548,15 @@ def layer_threads(tokens: int, top_k: int) -> int:
     several threads where the kernel cannot run them on torch's own (:func:`_openmp_threads`)."""
     if tokens > LAYER_MAX_TOKENS:
         return 0
-    threads = _threads(tokens * top_k)
-    return 1 if threads == 1 else _openmp_threads(tokens * top_k)
+    pairs = tokens * top_k
+    return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
+
+
+def layer_train_applies(tokens: int, top_k: int) -> bool:
+    """Whether :func:`layer_train_call` (one thread) should run a training call on ``tokens``
+    tokens: up to ``TRAIN_MAX_TOKENS``, and one thread's worth of pairs (else the modules, whose
+    experts' kernel splits its ranges and its backward over threads)."""
+    return tokens <= TRAIN_MAX_TOKENS and _threads(tokens * top_k) == 1
 
 
 def layer_forward(

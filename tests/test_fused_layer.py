@@ -136,11 +136,14 @@ def test_a_few_tokens_on_as_many_threads_as_pairs_pay_for(calls):
             assert calls == [True]
             assert cpu_kernel.layer_threads(most, 8) == 1 and cpu_kernel.layer_threads(most + 1, 8) == 0
             torch.set_num_threads(2)
-            assert cpu_kernel.layer_threads(8, 8) == 1  # 64 pairs: one thread's worth
-            assert cpu_kernel.layer_threads(8, 16) == (2 if cpu_kernel._openmp else 0)  # 128 pairs: two
+            least = cpu_kernel.MIN_PAIRS_PER_OPENMP_THREAD  # on torch's OpenMP threads
+            assert cpu_kernel.layer_threads(1, 2 * least - 1) == 1  # one thread's worth of pairs
+            assert cpu_kernel.layer_threads(1, 2 * least) == (2 if cpu_kernel._openmp else 1)
+            assert cpu_kernel.layer_threads(8, 16) == (2 if cpu_kernel._openmp else 0)  # 128 pairs
             assert cpu_kernel.layer_threads(most + 1, 8) == 0
-            with patch.object(cpu_kernel, "_openmp", False):
-                assert cpu_kernel.layer_threads(8, 16) == 0
+            assert cpu_kernel.layer_train_applies(8, 8) and not cpu_kernel.layer_train_applies(8, 16)
+            with patch.object(cpu_kernel, "_openmp", False):  # else Python threads, from 64 pairs each
+                assert cpu_kernel.layer_threads(8, 8) == 1 and cpu_kernel.layer_threads(8, 16) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -153,7 +156,8 @@ def test_two_threads_give_the_bits_of_one(name, calls):
     moe, _ = _layers(CONFIGS[name])
     top_k, threads = moe.config.num_experts_per_tok, torch.get_num_threads()
     # from the fewest tokens that give two threads to LAYER_MAX_TOKENS, and counts that split unevenly
-    first = -(-2 * cpu_kernel.MIN_PAIRS_PER_THREAD // top_k)
+    # (below RB tokens one thread routes them all and runs the shared expert, both share the experts)
+    first = -(-2 * cpu_kernel.MIN_PAIRS_PER_OPENMP_THREAD // top_k)
     most = cpu_kernel.LAYER_MAX_TOKENS
     counts = sorted(t for t in {first, first + 1, first + 9, most - 1, most} if first <= t <= most)
     if not counts:
