@@ -540,15 +540,23 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
 #: Hot and alone, the C shared expert is 1.2-1.4x slower than the BLAS at T=64 for H=512-5120: small
 #: next to the routed experts, which the kernel runs in either case.
 LAYER_MAX_TOKENS = 64
+#: the same on several of torch's OpenMP threads, where the modules' experts take the kernel anyway.
+#: Measured (2 threads, bench layer, against the modules with the experts' kernel on the same
+#: threads): 0.80x the time at T=16, 0.88x at T=32, 0.93x at T=64, 0.87-0.91x at T=96-256, 0.97x
+#: at T=512, level at T=2048 and 1.06x at T=4096 (the BLAS's router and shared expert pull ahead)
+LAYER_MAX_TOKENS_THREADED = 256
 
 
-def layer_threads(tokens: int, top_k: int) -> int:
+def layer_threads(tokens: int, top_k: int, experts_take_kernel: Callable[[int], bool] | None = None) -> int:
     """On how many threads :func:`layer_call` should run a call on ``tokens`` tokens (inference),
-    or 0 where the modules should: more than ``LAYER_MAX_TOKENS`` tokens, or pairs enough for
-    several threads where the kernel cannot run them on torch's own (:func:`_openmp_threads`)."""
-    if tokens > LAYER_MAX_TOKENS:
-        return 0
+    or 0 where the modules should: more than ``LAYER_MAX_TOKENS`` tokens (on torch's OpenMP threads
+    ``LAYER_MAX_TOKENS_THREADED``, if ``experts_take_kernel(pairs)`` says the modules' experts would
+    run the kernel too), or pairs enough for several threads where the kernel cannot run them on torch's
+    own (:func:`_openmp_threads`)."""
     pairs = tokens * top_k
+    if tokens > LAYER_MAX_TOKENS:
+        threads = _openmp_threads(pairs) if tokens <= LAYER_MAX_TOKENS_THREADED else 0
+        return threads if threads and experts_take_kernel is not None and experts_take_kernel(pairs) else 0
     return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
 
 

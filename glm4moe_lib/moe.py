@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from . import cpu_kernel
+from . import cpu_kernel, dispatch
 from .config import MoEConfig
 from .experts import MLP, Experts, _plain_call
 from .router import RouterOutput, TopkRouter
@@ -115,7 +115,11 @@ class MoE(nn.Module):
             and isinstance(x, Tensor)
             and x.dim() > 0
             and x.shape[-1] == h
-            and (threads := cpu_kernel.layer_threads(x.numel() // h, c.num_experts_per_tok))
+            and (
+                threads := cpu_kernel.layer_threads(
+                    x.numel() // h, c.num_experts_per_tok, self._experts_take_kernel
+                )
+            )
         ):
             return None
         # the submodules and weights from nn.Module's own dicts: each attribute through
@@ -164,6 +168,12 @@ class MoE(nn.Module):
             return done
         out, logits, scores, weights, indices = done
         return out, RouterOutput(logits, scores, weights, indices)
+
+    def _experts_take_kernel(self, pairs: int) -> bool:
+        """Whether "auto" would run the experts on ``pairs`` (token, slot) pairs through the C kernel
+        (asked beyond ``cpu_kernel.LAYER_MAX_TOKENS`` tokens): wider layers hand large batches to the BLAS."""
+        c = self.config
+        return dispatch.fused_cpu_pays(pairs, c.n_routed_experts, c.hidden_size, inference=True)
 
     @classmethod
     def from_hf(cls, hf_moe: nn.Module) -> MoE:

@@ -180,6 +180,40 @@ def test_two_threads_give_the_bits_of_one(name, calls):
     assert calls == [True] * 3 * len(counts)
 
 
+def test_more_tokens_on_several_threads_where_the_experts_take_the_kernel(calls):
+    if not cpu_kernel._openmp:
+        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+    moe = MoE(preset("bench")).eval()
+    # a wide layer whose experts the BLAS takes at this many pairs per expert (see dispatch)
+    wide = MoE(
+        MoEConfig(hidden_size=2048, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4)
+    )
+    threads, most = torch.get_num_threads(), cpu_kernel.LAYER_MAX_TOKENS_THREADED
+    gate, experts = moe.gate, moe.experts
+    weights = (gate.weight, gate.e_score_correction_bias, experts.gate_up_proj, experts.down_proj)
+    try:
+        torch.set_num_threads(2)
+        for tokens in (cpu_kernel.LAYER_MAX_TOKENS + 1, most):
+            x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens))
+            with torch.no_grad():
+                out, routing = moe(x, return_routing=True)
+                one = cpu_kernel.layer_call(
+                    x, *weights, moe.shared_experts.plain_weights(), 8, 1, 1, True, 1.0
+                )
+            assert calls[-2:] == [True, True], f"T={tokens}: the one call did not run on two threads"
+            for a, b in zip((out, *routing), one):  # the bits of the same call on one thread
+                assert torch.equal(a, b)
+        seen = len(calls)
+        with torch.no_grad():
+            moe(torch.randn(most + 1, 512))  # more tokens: the modules
+            wide(torch.randn(100, 2048))  # 25 pairs per expert at H=2048: the BLAS's experts, the modules
+            torch.set_num_threads(1)
+            moe(torch.randn(100, 512))  # one thread: the modules beyond LAYER_MAX_TOKENS
+        assert len(calls) == seen
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_threads_hand_a_tie_in_either_half_back_to_torch(calls):
     if not cpu_kernel._openmp:
         pytest.skip("the kernel does not share torch's OpenMP runtime here")
