@@ -187,7 +187,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_layer_train.restype = i64
     # x, T, H, router_w, E, K, norm, scale, gate_up, down, I, the shared expert's 3 weights and Is, then 16 pointers
     lib.moe_layer_bwd.argtypes = [p, i64, i64, p, i64, i64, ctypes.c_int, ctypes.c_float, p, p, i64, p, p, p, i64]  # fmt: skip
-    lib.moe_layer_bwd.argtypes += [p] * 16
+    lib.moe_layer_bwd.argtypes += [p] * 16 + [i64]
     lib.moe_layer_bwd.restype = None
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     lib.moe_openmp.argtypes, lib.moe_openmp.restype = [], i64
@@ -560,11 +560,14 @@ def layer_threads(tokens: int, top_k: int, experts_take_kernel: Callable[[int], 
     return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
 
 
-def layer_train_applies(tokens: int, top_k: int) -> bool:
-    """Whether :func:`layer_train_call` (one thread) should run a training call on ``tokens``
-    tokens: up to ``TRAIN_MAX_TOKENS``, and one thread's worth of pairs (else the modules, whose
-    experts' kernel splits its ranges and its backward over threads)."""
-    return tokens <= TRAIN_MAX_TOKENS and _threads(tokens * top_k) == 1
+def layer_train_threads(tokens: int, top_k: int) -> int:
+    """On how many threads :func:`layer_train_call` should run a training call on ``tokens`` tokens
+    (forward and backward), or 0 where the modules should: more than ``TRAIN_MAX_TOKENS``, or pairs
+    enough for several threads where the kernel cannot run them on torch's own."""
+    if tokens > TRAIN_MAX_TOKENS:
+        return 0
+    pairs = tokens * top_k
+    return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
 
 
 def layer_forward(
@@ -693,10 +696,12 @@ def layer_train_call(
     topk_group: int,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
+    threads: int = 1,
 ) -> Tensor | None:
     """:func:`layer_call` with autograd: the layer's output [..., H], whose backward is one more C
     call (the gradients of x, the router weight, the experts and the shared expert). None for a
-    tie, as layer_call. The same preconditions as layer_call (the caller checked them all)."""
+    tie, as layer_call. The same preconditions as layer_call (the caller checked them all);
+    ``threads`` as there (:func:`layer_train_threads`), for the forward and the backward."""
     num_experts, hidden, inter = down.shape
     tokens = x.numel() // hidden
     pairs = tokens * top_k
@@ -714,7 +719,7 @@ def layer_train_call(
         tokens * num_experts
         + pairs * hidden
         + tokens * hidden
-        + _ROWS_PER_PASS * 3 * max(inter, inter_shared)
+        + threads * _ROWS_PER_PASS * 3 * max(inter, inter_shared)
     )
     work = torch.empty(scratch, dtype=torch.float32)
     tie = _lib.moe_layer_train(
@@ -723,12 +728,12 @@ def layer_train_call(
         gate_up.data_ptr(), down.data_ptr(), inter,
         *((None, None, None) if shared is None else (shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr())),
         inter_shared, work.data_ptr(), scores.data_ptr(), ids.data_ptr(), w.data_ptr(), offsets.data_ptr(), order.data_ptr(),
-        hsave.data_ptr(), sh_hsave.data_ptr(), out.data_ptr(), work[tokens * num_experts :].data_ptr(), 1,
+        hsave.data_ptr(), sh_hsave.data_ptr(), out.data_ptr(), work[tokens * num_experts :].data_ptr(), threads,
     )  # fmt: skip
     if tie:
         return None
     saved = (scores, ids, w, offsets, order, hsave, sh_hsave)
-    config = (top_k, norm_topk_prob, routed_scaling_factor)
+    config = (top_k, norm_topk_prob, routed_scaling_factor, threads)
     return _FusedLayer.apply(
         x, router_weight, gate_up, down, *(shared or (None, None, None)), out, saved, config
     )
@@ -749,7 +754,7 @@ class _FusedLayer(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, router_weight, gate_up, down, *rest = ctx.saved_tensors
         shared, (scores, ids, w, offsets, order, hsave, sh_hsave) = rest[:3], rest[3:]
-        top_k, norm, scale = ctx.config
+        top_k, norm, scale, threads = ctx.config
         num_experts, hidden, inter = down.shape
         tokens, pairs = x.numel() // hidden, x.numel() // hidden * top_k
         inter_shared = 0 if shared[0] is None else shared[0].shape[0]
@@ -758,7 +763,9 @@ class _FusedLayer(torch.autograd.Function):
         d_gate_up, d_down = torch.empty_like(gate_up), torch.empty_like(down)  # written whole by the kernel
         d_shared = [None if t is None else torch.empty_like(t) for t in shared]
         # the C scratch: each pair's d x [T*K, H] and d w [T*K], the shared expert's d x [T, H], the rows'
-        scratch = pairs * hidden + pairs + tokens * hidden + _ROWS_PER_PASS * 4 * max(inter, inter_shared)
+        scratch = (
+            pairs * hidden + pairs + tokens * hidden + threads * _ROWS_PER_PASS * 4 * max(inter, inter_shared)
+        )
         work = torch.empty(scratch, dtype=torch.float32)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         _lib.moe_layer_bwd(
@@ -766,7 +773,7 @@ class _FusedLayer(torch.autograd.Function):
             gate_up.data_ptr(), down.data_ptr(), inter, *map(ptr, shared), inter_shared,
             scores.data_ptr(), ids.data_ptr(), w.data_ptr(), offsets.data_ptr(), order.data_ptr(),
             hsave.data_ptr(), sh_hsave.data_ptr(), grad_out.data_ptr(), dx.data_ptr(), d_router.data_ptr(),
-            d_gate_up.data_ptr(), d_down.data_ptr(), *map(ptr, d_shared), work.data_ptr(),
+            d_gate_up.data_ptr(), d_down.data_ptr(), *map(ptr, d_shared), work.data_ptr(), threads,
         )  # fmt: skip
         needs = ctx.needs_input_grad
         grads = (dx, d_router, d_gate_up, d_down, *d_shared)

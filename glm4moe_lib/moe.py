@@ -160,9 +160,10 @@ class MoE(nn.Module):
         args = (x, *weights[:4], sh, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
                 c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            if return_routing or not cpu_kernel.layer_train_applies(x.numel() // h, c.num_experts_per_tok):
+            train_threads = cpu_kernel.layer_train_threads(x.numel() // h, c.num_experts_per_tok)
+            if return_routing or not train_threads:
                 return None
-            return cpu_kernel.layer_train_call(*args)  # None for a tie
+            return cpu_kernel.layer_train_call(*args, threads=train_threads)  # None for a tie
         done = cpu_kernel.layer_call(*args, routing=return_routing, threads=threads)
         if done is None or not return_routing:  # None: a tie, which torch's topk decides
             return done

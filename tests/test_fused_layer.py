@@ -141,7 +141,8 @@ def test_a_few_tokens_on_as_many_threads_as_pairs_pay_for(calls):
             assert cpu_kernel.layer_threads(1, 2 * least) == (2 if cpu_kernel._openmp else 1)
             assert cpu_kernel.layer_threads(8, 16) == (2 if cpu_kernel._openmp else 0)  # 128 pairs
             assert cpu_kernel.layer_threads(most + 1, 8) == 0
-            assert cpu_kernel.layer_train_applies(8, 8) and not cpu_kernel.layer_train_applies(8, 16)
+            assert cpu_kernel.layer_train_threads(8, 16) == (2 if cpu_kernel._openmp else 0)
+            assert cpu_kernel.layer_train_threads(cpu_kernel.TRAIN_MAX_TOKENS + 1, 1) == 0
             with patch.object(cpu_kernel, "_openmp", False):  # else Python threads, from 64 pairs each
                 assert cpu_kernel.layer_threads(8, 8) == 1 and cpu_kernel.layer_threads(8, 16) == 0
     finally:
@@ -459,6 +460,40 @@ def test_training_matches_the_modules_and_transformers(name, tokens, train_calls
         moe.experts.down_proj.grad[untouched], torch.zeros_like(moe.experts.down_proj[untouched])
     )
     assert torch.equal(moe.gate.weight.grad[untouched], torch.zeros_like(moe.gate.weight[untouched]))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
+@pytest.mark.parametrize("name", CONFIGS)
+def test_training_on_two_threads_gives_the_bits_of_one(name, train_calls):
+    if not cpu_kernel._openmp:
+        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+    moe, _ = _layers(CONFIGS[name])
+    top_k, threads, most = (
+        moe.config.num_experts_per_tok,
+        torch.get_num_threads(),
+        cpu_kernel.TRAIN_MAX_TOKENS,
+    )
+    first = -(-2 * cpu_kernel.MIN_PAIRS_PER_OPENMP_THREAD // top_k)  # the fewest tokens for two threads
+    counts = sorted(t for t in {first, first + 5, most} if first <= t <= most)
+    try:
+        for tokens in counts:
+            gen = torch.Generator().manual_seed(tokens)
+            x = torch.randn(tokens, moe.config.hidden_size, generator=gen)
+            g = torch.randn(tokens, moe.config.hidden_size, generator=gen)
+            runs = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert cpu_kernel.layer_train_threads(tokens, top_k) == n or n == 1
+                moe.zero_grad(set_to_none=True)
+                xg = x.clone().requires_grad_(True)
+                out = moe(xg)
+                out.backward(g)
+                runs.append([out, xg.grad, *(p.grad for p in moe.parameters())])
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), f"T={tokens}: two threads changed a result or a gradient"
+    finally:
+        torch.set_num_threads(threads)
+    assert train_calls == [True] * 2 * len(counts)
 
 
 def test_training_bench_layer_leading_dimensions_and_accumulation(train_calls, one_thread):

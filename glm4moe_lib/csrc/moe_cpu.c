@@ -893,9 +893,9 @@ static inline int64_t expert_cost(const int64_t *offsets, int64_t e, int64_t idl
     const int64_t pairs = offsets[e + 1] - offsets[e];
     return pairs ? pairs + EXPERT_READ_COST : idle_cost;
 }
-static void expert_range(const int64_t *offsets, int64_t E, int64_t idle_cost, int64_t part, int64_t parts,
-                         int64_t *e0, int64_t *e1) {
-    int64_t total = 0;
+static void expert_range(const int64_t *offsets, int64_t E, int64_t idle_cost, int64_t head_cost, int64_t part,
+                         int64_t parts, int64_t *e0, int64_t *e1) {
+    int64_t total = head_cost; /* (work the first thread does before its experts: the shared expert's) */
     for (int64_t e = 0; e < E; e++) total += expert_cost(offsets, e, idle_cost);
     int64_t bound[2];
     for (int b = 0; b < 2; b++) {
@@ -904,7 +904,7 @@ static void expert_range(const int64_t *offsets, int64_t E, int64_t idle_cost, i
             bound[b] = j == 0 ? 0 : E;
             continue;
         }
-        int64_t e = 0, before = 0; /* the first expert whose cost starts at or after j/parts of the total */
+        int64_t e = 0, before = head_cost; /* the first expert whose cost starts at or after j/parts of the total */
         while (e < E && (double)before < (double)total * j / parts) before += expert_cost(offsets, e++, idle_cost);
         bound[b] = e;
     }
@@ -922,7 +922,7 @@ void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *o
     {
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
         int64_t e0, e1;
-        expert_range(offsets, E, 0, part, parts, &e0, &e1);
+        expert_range(offsets, E, 0, 0, part, parts, &e0, &e1);
         if (e1 > e0) moe_experts(x, order, offsets, e0, e1, K, gate_up, down, H, I, y, scratch + part * scratch_floats, hsave);
     }
 #else
@@ -941,7 +941,7 @@ void moe_experts_bwd_parallel(const float *x, const int64_t *order, const int64_
     {
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
         int64_t e0, e1;
-        expert_range(offsets, E, EXPERT_ZERO_COST, part, parts, &e0, &e1);
+        expert_range(offsets, E, EXPERT_ZERO_COST, 0, part, parts, &e0, &e1);
         if (e1 > e0)
             moe_experts_bwd(x, order, offsets, e0, e1, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
                             d_down, scratch + part * scratch_floats);
@@ -1001,7 +1001,7 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
             if (!tie) { /* (the same for every thread: written before the barrier) */
 #pragma omp single
                 moe_sort(ids, T * K, E, offsets, order);
-                expert_range(offsets, E, 0, part, parts, &e0, &e1);
+                expert_range(offsets, E, 0, 0, part, parts, &e0, &e1);
                 if (e1 > e0) moe_experts(x, order, offsets, e0, e1, K, gate_up, down, H, I, y, mine, hsave);
                 if (sh_gate && t1 > t0)
                     mlp_rows(x + t0 * H, t1 - t0, sh_gate, sh_up, sh_down, H, Is, shared + t0 * H, mine,
@@ -1042,50 +1042,39 @@ int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, c
                            (float *)(order + T * K), threads);
 }
 
-/* The backward of moe_layer_train, given grad = d out [T, H] and what it kept:
- *   routed experts: moe_experts_bwd (d_gate_up, d_down; each pair's d x and d w);
- *   shared expert: the same blocks over its T tokens with weight 1 (d_sh_gate, d_sh_up, d_sh_down);
- *   router: w = scale * s / (sum_k s_k + 1e-20) (or scale * s without norm) with s = sigmoid(logits) at
- *   the chosen experts, so d logit = d s * s * (1 - s); d_router [E, H] += d logit * x (zero for the rows
- *   no token chose), d x += d logit * router row. The choice itself (selection bias, groups) has no
- *   gradient, as in torch.
- * Out: dx [T, H] (the three parts summed), d_router [E, H], d_gate_up, d_down (every expert's: zeros
- * for untouched ones), d_sh_* (unused without a shared expert).
- * work: at least T * K * H + T * K + T * H + RBB * 4 * max(I, Is) floats. */
-void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, int64_t E, int64_t K, int norm,
-                   float scale, const float *gate_up, const float *down, int64_t I, const float *sh_gate,
-                   const float *sh_up, const float *sh_down, int64_t Is, const float *scores, const int64_t *ids,
-                   const float *w, const int64_t *offsets, const int64_t *order, const float *hsave,
-                   const float *sh_hsave, const float *grad, float *dx, float *d_router, float *d_gate_up,
-                   float *d_down, float *d_sh_gate, float *d_sh_up, float *d_sh_down, float *work) {
-    float *dx_slots = work, *dw = dx_slots + T * K * H, *dx_sh = dw + T * K, *scratch = dx_sh + T * H;
-    moe_experts_bwd(x, order, offsets, 0, E, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
-                    d_down, scratch);
-    if (sh_gate) {
-        float *a[RBB], *da[RBB], *dh[RBB];
-        split_scratch_bwd(scratch, Is, a, da, dh);
-        const int64_t block = T <= RBB ? RBB : RBB_MANY;
-        for (int64_t t = 0; t < T; t += block) {
-            const int nr = (int)(T - t < block ? T - t : block);
-            const float *xr[RBB], *gr[RBB], *hr[RBB];
-            float wr[RBB], *dxr[RBB], dwr[RBB];
-            for (int r = 0; r < nr; r++) {
-                xr[r] = x + (t + r) * H;
-                gr[r] = grad + (t + r) * H;
-                hr[r] = sh_hsave + (t + r) * 2 * Is;
-                wr[r] = 1.0f;
-                dxr[r] = dx_sh + (t + r) * H;
-            }
-            block_bwd(sh_gate, sh_up, sh_down, d_sh_gate, d_sh_up, d_sh_down, H, Is, nr, xr, gr, wr, hr, dxr, dwr,
-                      a, da, dh, t == 0, t + block >= T);
+/* moe_layer_bwd's shared expert: blocks of its T tokens with weight 1 (scratch: RBB * 4 * Is floats) */
+static void shared_bwd(const float *x, int64_t T, int64_t H, const float *sh_gate, const float *sh_up,
+                       const float *sh_down, int64_t Is, const float *sh_hsave, const float *grad, float *d_sh_gate,
+                       float *d_sh_up, float *d_sh_down, float *dx_sh, float *scratch) {
+    float *a[RBB], *da[RBB], *dh[RBB];
+    split_scratch_bwd(scratch, Is, a, da, dh);
+    const int64_t block = T <= RBB ? RBB : RBB_MANY;
+    for (int64_t t = 0; t < T; t += block) {
+        const int nr = (int)(T - t < block ? T - t : block);
+        const float *xr[RBB], *gr[RBB], *hr[RBB];
+        float wr[RBB], *dxr[RBB], dwr[RBB];
+        for (int r = 0; r < nr; r++) {
+            xr[r] = x + (t + r) * H;
+            gr[r] = grad + (t + r) * H;
+            hr[r] = sh_hsave + (t + r) * 2 * Is;
+            wr[r] = 1.0f;
+            dxr[r] = dx_sh + (t + r) * H;
         }
-        stream_fence();
+        block_bwd(sh_gate, sh_up, sh_down, d_sh_gate, d_sh_up, d_sh_down, H, Is, nr, xr, gr, wr, hr, dxr, dwr, a, da,
+                  dh, t == 0, t + block >= T);
     }
+    stream_fence();
+}
+
+/* moe_layer_bwd's router and the sum of dx's parts (see there), once the experts' parts are done */
+static void router_bwd(const float *x, int64_t T, int64_t H, const float *router_w, int64_t E, int64_t K, int norm,
+                       float scale, int shared, const float *scores, const int64_t *ids, const float *dx_slots,
+                       const float *dw, const float *dx_sh, float *dx, float *d_router) {
     memset(d_router, 0, (size_t)(E * H) * sizeof *d_router);
     for (int64_t t = 0; t < T; t++) {
         float *dxt = dx + t * H;
         const float *xt = x + t * H;
-        for (int64_t h = 0; h < H; h++) dxt[h] = sh_gate ? dx_sh[t * H + h] : 0.0f;
+        for (int64_t h = 0; h < H; h++) dxt[h] = shared ? dx_sh[t * H + h] : 0.0f;
         for (int64_t k = 0; k < K; k++) { /* the routed experts' parts, in slot order */
             const float *d = dx_slots + (t * K + k) * H;
             for (int64_t h = 0; h < H; h++) dxt[h] += d[h];
@@ -1112,4 +1101,56 @@ void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, 
             }
         }
     }
+}
+
+/* The backward of moe_layer_train, given grad = d out [T, H] and what it kept:
+ *   routed experts: moe_experts_bwd (d_gate_up, d_down; each pair's d x and d w);
+ *   shared expert: the same blocks over its T tokens with weight 1 (d_sh_gate, d_sh_up, d_sh_down);
+ *   router: w = scale * s / (sum_k s_k + 1e-20) (or scale * s without norm) with s = sigmoid(logits) at
+ *   the chosen experts, so d logit = d s * s * (1 - s); d_router [E, H] += d logit * x (zero for the rows
+ *   no token chose), d x += d logit * router row. The choice itself (selection bias, groups) has no
+ *   gradient, as in torch.
+ * Out: dx [T, H] (the three parts summed), d_router [E, H], d_gate_up, d_down (every expert's: zeros
+ * for untouched ones), d_sh_* (unused without a shared expert).
+ * work: at least T * K * H + T * K + T * H + threads * RBB * 4 * max(I, Is) floats. threads > 1 (where built
+ * with OpenMP): the experts in ranges of about equal cost, the shared expert beside the first range, then the
+ * router on one thread; each gradient computed as on one thread: the same bits. */
+void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, int64_t E, int64_t K, int norm,
+                   float scale, const float *gate_up, const float *down, int64_t I, const float *sh_gate,
+                   const float *sh_up, const float *sh_down, int64_t Is, const float *scores, const int64_t *ids,
+                   const float *w, const int64_t *offsets, const int64_t *order, const float *hsave,
+                   const float *sh_hsave, const float *grad, float *dx, float *d_router, float *d_gate_up,
+                   float *d_down, float *d_sh_gate, float *d_sh_up, float *d_sh_down, float *work, int64_t threads) {
+    float *dx_slots = work, *dw = dx_slots + T * K * H, *dx_sh = dw + T * K, *scratch = dx_sh + T * H;
+#if defined(_OPENMP)
+    if (threads > 1) { /* the first thread takes the shared expert and fewer experts; then one the router */
+        const int64_t scratch_floats = RBB * 4 * (I > Is ? I : Is);
+        const int64_t head = sh_gate ? T + EXPERT_READ_COST : 0;
+#pragma omp parallel num_threads((int)threads)
+        {
+            const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+            int64_t e0, e1;
+            expert_range(offsets, E, EXPERT_ZERO_COST, head, part, parts, &e0, &e1);
+            float *mine = scratch + part * scratch_floats;
+            if (part == 0 && sh_gate)
+                shared_bwd(x, T, H, sh_gate, sh_up, sh_down, Is, sh_hsave, grad, d_sh_gate, d_sh_up, d_sh_down, dx_sh,
+                           mine);
+            if (e1 > e0)
+                moe_experts_bwd(x, order, offsets, e0, e1, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw,
+                                d_gate_up, d_down, mine);
+#pragma omp barrier
+#pragma omp single
+            router_bwd(x, T, H, router_w, E, K, norm, scale, sh_gate != NULL, scores, ids, dx_slots, dw, dx_sh, dx,
+                       d_router);
+        }
+        return;
+    }
+#endif
+    (void)threads;
+    moe_experts_bwd(x, order, offsets, 0, E, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
+                    d_down, scratch);
+    if (sh_gate)
+        shared_bwd(x, T, H, sh_gate, sh_up, sh_down, Is, sh_hsave, grad, d_sh_gate, d_sh_up, d_sh_down, dx_sh,
+                   scratch);
+    router_bwd(x, T, H, router_w, E, K, norm, scale, sh_gate != NULL, scores, ids, dx_slots, dw, dx_sh, dx, d_router);
 }
