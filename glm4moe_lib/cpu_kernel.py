@@ -30,6 +30,13 @@ routing asked back, whose logits a loss may use) :func:`layer_train_call` does t
 keeping what the backward needs, and the backward is one C call as well: the experts' pass above,
 the shared expert's, and the router's (the routing weights' gradient through the normalisation
 and the sigmoid to the chosen experts' logits, then to the router weight and the input).
+
+Threads: where torch runs its ops on GNU OpenMP (Linux) the kernel is built with ``-fopenmp`` and
+shares torch's ``libgomp.so.1``, so its parallel calls run on torch's own threads
+(:func:`on_torch_threads`): the experts in ranges of about equal cost, and the one-call layer
+with each thread routing some tokens, running the shared expert on them and some experts. The
+results are the same bits as on one thread. Elsewhere (or in a forked child, where libgomp's threads
+would hang) a Python pool runs the experts' ranges, and the one-call layer stays on one thread.
 """
 
 from __future__ import annotations
@@ -266,6 +273,13 @@ def load_kernel() -> ctypes.CDLL | None:
             lib, _why_not = _load(compiler, [])
         _lib = lib
         return _lib
+
+
+def on_torch_threads() -> bool:
+    """Whether the kernel's parallel calls run on torch's own OpenMP threads in this process (see
+    :func:`load_kernel`); else, with several threads, Python's pool runs its expert ranges and the
+    whole-layer calls stay on one thread."""
+    return load_kernel() is not None and _openmp and os.getpid() == _openmp_pid
 
 
 def kernel_status() -> str:

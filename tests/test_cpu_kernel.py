@@ -154,7 +154,7 @@ def test_same_result_with_any_thread_count(openmp):
 def test_the_kernel_runs_on_torchs_own_openmp_threads():
     # built with -fopenmp, its libgomp.so.1 is the one torch loaded: one runtime, one set of threads
     # (a second runtime's threads would compete with torch's for the cores)
-    assert cpu_kernel._openmp and cpu_kernel._lib.moe_openmp() == 1
+    assert cpu_kernel._openmp and cpu_kernel._lib.moe_openmp() == 1 and cpu_kernel.on_torch_threads()
     assert len(cpu_kernel._gomp_paths()) == 1, cpu_kernel._gomp_paths()
 
 
@@ -608,12 +608,13 @@ def test_threads_work_in_a_forked_child():
     # the child must not use libgomp's threads (they do not survive a fork: it would hang) but make
     # its own pool
     with mp.get_context("fork").Pool(1) as pool:
-        got = pool.apply_async(_fused_in_child, (x, idx, w, gu, dn)).get(timeout=60)
-    assert torch.equal(torch.tensor(got), expected)
+        on_torch_threads, got = pool.apply_async(_fused_in_child, (x, idx, w, gu, dn)).get(timeout=60)
+    assert torch.equal(torch.tensor(got), expected) and not on_torch_threads
 
 
 def _fused_in_child(x, idx, w, gu, dn):
     # Not torch.set_num_threads(2): torch's own OpenMP pool hangs in a forked child of a process
     # that used it (a libgomp limitation); the kernel's split only asks how many threads to use.
     torch.get_num_threads = lambda: 2
-    return cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn).tolist()  # plain data back, not shared memory
+    out = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn).tolist()  # plain data back, not shared memory
+    return cpu_kernel.on_torch_threads(), out
