@@ -567,6 +567,8 @@ def layer_threads(tokens: int, top_k: int, experts_take_kernel: Callable[[int], 
     ``LAYER_MAX_TOKENS_THREADED``, if ``experts_take_kernel(pairs)`` says the modules' experts would
     run the kernel too), or pairs enough for several threads where the kernel cannot run them on torch's
     own (:func:`_openmp_threads`)."""
+    if tokens <= LAYER_MAX_TOKENS and torch.get_num_threads() == 1:  # (the common case first: one token)
+        return 1
     pairs = tokens * top_k
     if tokens > LAYER_MAX_TOKENS:
         threads = _openmp_threads(pairs) if tokens <= LAYER_MAX_TOKENS_THREADED else 0

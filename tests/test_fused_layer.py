@@ -173,12 +173,14 @@ def test_two_threads_give_the_bits_of_one(name, calls):
                 assert cpu_kernel.layer_threads(tokens, top_k) == 2
                 two, two_routing = moe(x, return_routing=True)
                 two_out = moe(x)  # without the routing: its outputs stay in the C scratch
+                torch.set_num_threads(3)  # (more threads than this machine may have cores: still the same)
+                three = moe(x)
             for a, b in zip((one, *one_routing), (two, *two_routing)):
                 assert torch.equal(a, b), f"T={tokens}: two threads changed the result"
-            assert torch.equal(two_out, one)
+            assert torch.equal(two_out, one) and torch.equal(three, one)
     finally:
         torch.set_num_threads(threads)
-    assert calls == [True] * 3 * len(counts)
+    assert calls == [True] * 4 * len(counts)
 
 
 def test_more_tokens_on_several_threads_where_the_experts_take_the_kernel(calls):
