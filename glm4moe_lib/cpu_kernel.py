@@ -576,13 +576,18 @@ def layer_threads(tokens: int, top_k: int, experts_take_kernel: Callable[[int], 
     return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
 
 
-def layer_train_threads(tokens: int, top_k: int) -> int:
+def layer_train_threads(
+    tokens: int, top_k: int, experts_take_kernel: Callable[[int], bool] | None = None
+) -> int:
     """On how many threads :func:`layer_train_call` should run a training call on ``tokens`` tokens
-    (forward and backward), or 0 where the modules should: more than ``TRAIN_MAX_TOKENS``, or pairs
-    enough for several threads where the kernel cannot run them on torch's own."""
-    if tokens > TRAIN_MAX_TOKENS:
-        return 0
+    (forward and backward), or 0 where the modules should: more than ``TRAIN_MAX_TOKENS`` (on
+    torch's OpenMP threads ``TRAIN_MAX_TOKENS_THREADED``, if ``experts_take_kernel(pairs)`` says the
+    modules' experts would train through the kernel too), or pairs enough for several threads where
+    the kernel cannot run them on torch's own."""
     pairs = tokens * top_k
+    if tokens > TRAIN_MAX_TOKENS:
+        threads = _openmp_threads(pairs) if tokens <= TRAIN_MAX_TOKENS_THREADED else 0
+        return threads if threads and experts_take_kernel is not None and experts_take_kernel(pairs) else 0
     return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
 
 
@@ -698,6 +703,11 @@ def layer_call(
 #: 0.91x at T=16-32, 0.94x at T=64 (skewed routing: 0.87x at T=16, 0.92x at T=64); 0.97-0.99x at
 #: T=96-256, where the BLAS runs the router and the shared expert faster and the gain is noise.
 TRAIN_MAX_TOKENS = 64
+#: the same on several of torch's OpenMP threads, where the modules' experts train through the
+#: kernel anyway. Measured (2 threads, bench layer, fwd+bwd against the modules with the experts'
+#: kernel on the same threads): 0.86x the time at T=16, 0.91x at T=64, 0.85-0.94x at T=96-256
+#: (skewed 0.96x at T=256)
+TRAIN_MAX_TOKENS_THREADED = 256
 
 
 def layer_train_call(

@@ -90,10 +90,11 @@ class MoE(nn.Module):
 
     def _fused_cpu_forward(self, x: Tensor, return_routing: bool):
         """The whole layer in one C call (router, experts, shared expert, combine) for float32
-        CPU work on a few tokens (``cpu_kernel.LAYER_MAX_TOKENS``), where the experts take
-        ``fused_cpu`` anyway: the same math instead of some twenty torch ops, which at a token or
-        two cost more than reading the weights. With gradients (up to
-        ``cpu_kernel.TRAIN_MAX_TOKENS``, not with ``return_routing``, whose logits and scores a
+        CPU work on a few tokens (``cpu_kernel.LAYER_MAX_TOKENS``; more on several threads: see
+        ``cpu_kernel.layer_threads``), where the experts take ``fused_cpu`` anyway: the same math
+        instead of some twenty torch ops, which at a token or two cost more than reading the
+        weights. With gradients (up to ``cpu_kernel.TRAIN_MAX_TOKENS``, likewise more on several
+        threads: ``cpu_kernel.layer_train_threads``; not with ``return_routing``, whose logits and scores a
         loss may use) the backward is one C call too; it gives first derivatives only (a second
         one, through ``create_graph=True``, raises, as for the experts' own kernel: a layer built
         with a torch strategy, ``MoEConfig(dispatch="sorted")``, gives it). None where it does
@@ -160,7 +161,9 @@ class MoE(nn.Module):
         args = (x, *weights[:4], sh, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
                 c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            train_threads = cpu_kernel.layer_train_threads(x.numel() // h, c.num_experts_per_tok)
+            train_threads = cpu_kernel.layer_train_threads(
+                x.numel() // h, c.num_experts_per_tok, self._experts_train_on_kernel
+            )
             if return_routing or not train_threads:
                 return None
             return cpu_kernel.layer_train_call(*args, threads=train_threads)  # None for a tie
@@ -175,6 +178,11 @@ class MoE(nn.Module):
         (asked beyond ``cpu_kernel.LAYER_MAX_TOKENS`` tokens): wider layers hand large batches to the BLAS."""
         c = self.config
         return dispatch.fused_cpu_pays(pairs, c.n_routed_experts, c.hidden_size, inference=True)
+
+    def _experts_train_on_kernel(self, pairs: int) -> bool:
+        """The same as :meth:`_experts_take_kernel` with gradients (its own thresholds)."""
+        c = self.config
+        return dispatch.fused_cpu_pays(pairs, c.n_routed_experts, c.hidden_size, inference=False)
 
     @classmethod
     def from_hf(cls, hf_moe: nn.Module) -> MoE:

@@ -143,6 +143,9 @@ def test_a_few_tokens_on_as_many_threads_as_pairs_pay_for(calls):
             assert cpu_kernel.layer_threads(most + 1, 8) == 0
             assert cpu_kernel.layer_train_threads(8, 16) == (2 if cpu_kernel._openmp else 0)
             assert cpu_kernel.layer_train_threads(cpu_kernel.TRAIN_MAX_TOKENS + 1, 1) == 0
+            more, yes = cpu_kernel.TRAIN_MAX_TOKENS_THREADED, lambda pairs: True  # noqa: E731
+            assert cpu_kernel.layer_train_threads(more, 8, yes) == (2 if cpu_kernel._openmp else 0)
+            assert cpu_kernel.layer_train_threads(more + 1, 8, yes) == 0
             with patch.object(cpu_kernel, "_openmp", False):  # else Python threads, from 64 pairs each
                 assert cpu_kernel.layer_threads(8, 8) == 1 and cpu_kernel.layer_threads(8, 16) == 0
     finally:
@@ -496,6 +499,40 @@ def test_training_on_two_threads_gives_the_bits_of_one(name, train_calls):
     finally:
         torch.set_num_threads(threads)
     assert train_calls == [True] * 2 * len(counts)
+
+
+def test_training_more_tokens_on_several_threads(train_calls):
+    if not cpu_kernel._openmp:
+        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+    torch.manual_seed(0)
+    moe = MoE(preset("bench"))
+    ref = MoE(moe.config)  # the same weights, run by its modules (return_routing keeps them)
+    ref.load_state_dict(moe.state_dict())
+    wide = MoE(
+        MoEConfig(hidden_size=2048, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4)
+    )
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(100, 512, generator=gen), torch.randn(100, 512, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        out = moe(xs[0])
+        out_ref, _ = ref(xs[1], return_routing=True)
+        assert train_calls == [True], "the fused training call did not run on two threads"
+        out.backward(g)
+        out_ref.backward(g)
+        wide(torch.randn(100, 2048, requires_grad=True))  # 25 pairs per expert at H=2048: the modules
+        assert train_calls == [True]
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+    ours, theirs = _grads(moe), _grads(ref)
+    assert set(ours) == set(theirs) == {n for n, _ in moe.named_parameters()}
+    for n in ours:
+        scale = theirs[n].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(ours[n] / scale, theirs[n] / scale, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_training_bench_layer_leading_dimensions_and_accumulation(train_calls, one_thread):
