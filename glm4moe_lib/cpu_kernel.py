@@ -201,27 +201,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     # moe_experts' arguments with e0, e1 replaced by E, then scratch_floats and hsave, threads
     lib.moe_experts_parallel.argtypes = [p, p, p, i64, i64, p, p, i64, i64, p, p, i64, p, i64]
     lib.moe_experts_parallel.restype = None
-    lib.moe_experts_bwd_parallel.argtypes = [
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        p,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        p,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        i64,
-    ]
+    # moe_experts_bwd's arguments with e0, e1 replaced by E, then scratch_floats, threads
+    lib.moe_experts_bwd_parallel.argtypes = [p, p, p, i64, i64, p, p, p, p, p, i64, i64, p, p, p, p, p, i64, i64]  # fmt: skip
     lib.moe_experts_bwd_parallel.restype = None
     return lib
 
@@ -561,34 +542,33 @@ LAYER_MAX_TOKENS = 64
 LAYER_MAX_TOKENS_THREADED = 256
 
 
+def _call_threads(tokens: int, top_k: int, most: int, most_threaded: int, experts_take_kernel) -> int:
+    """layer_threads and layer_train_threads, with their token limits."""
+    if tokens <= most and torch.get_num_threads() == 1:  # (the common case first: one token)
+        return 1
+    pairs = tokens * top_k
+    if tokens > most:
+        threads = _openmp_threads(pairs) if tokens <= most_threaded else 0
+        return threads if threads and experts_take_kernel is not None and experts_take_kernel(pairs) else 0
+    return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
+
+
 def layer_threads(tokens: int, top_k: int, experts_take_kernel: Callable[[int], bool] | None = None) -> int:
     """On how many threads :func:`layer_call` should run a call on ``tokens`` tokens (inference),
     or 0 where the modules should: more than ``LAYER_MAX_TOKENS`` tokens (on torch's OpenMP threads
     ``LAYER_MAX_TOKENS_THREADED``, if ``experts_take_kernel(pairs)`` says the modules' experts would
-    run the kernel too), or pairs enough for several threads where the kernel cannot run them on torch's
-    own (:func:`_openmp_threads`)."""
-    if tokens <= LAYER_MAX_TOKENS and torch.get_num_threads() == 1:  # (the common case first: one token)
-        return 1
-    pairs = tokens * top_k
-    if tokens > LAYER_MAX_TOKENS:
-        threads = _openmp_threads(pairs) if tokens <= LAYER_MAX_TOKENS_THREADED else 0
-        return threads if threads and experts_take_kernel is not None and experts_take_kernel(pairs) else 0
-    return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
+    run the kernel too), or pairs enough for several threads where the kernel cannot run them on
+    torch's own (:func:`_openmp_threads`)."""
+    return _call_threads(tokens, top_k, LAYER_MAX_TOKENS, LAYER_MAX_TOKENS_THREADED, experts_take_kernel)
 
 
 def layer_train_threads(
     tokens: int, top_k: int, experts_take_kernel: Callable[[int], bool] | None = None
 ) -> int:
-    """On how many threads :func:`layer_train_call` should run a training call on ``tokens`` tokens
-    (forward and backward), or 0 where the modules should: more than ``TRAIN_MAX_TOKENS`` (on
-    torch's OpenMP threads ``TRAIN_MAX_TOKENS_THREADED``, if ``experts_take_kernel(pairs)`` says the
-    modules' experts would train through the kernel too), or pairs enough for several threads where
-    the kernel cannot run them on torch's own."""
-    pairs = tokens * top_k
-    if tokens > TRAIN_MAX_TOKENS:
-        threads = _openmp_threads(pairs) if tokens <= TRAIN_MAX_TOKENS_THREADED else 0
-        return threads if threads and experts_take_kernel is not None and experts_take_kernel(pairs) else 0
-    return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
+    """:func:`layer_threads` for :func:`layer_train_call` (forward and backward), with
+    ``TRAIN_MAX_TOKENS`` and ``TRAIN_MAX_TOKENS_THREADED``; ``experts_take_kernel`` then answers
+    for training (the experts' kernel has its own thresholds with gradients)."""
+    return _call_threads(tokens, top_k, TRAIN_MAX_TOKENS, TRAIN_MAX_TOKENS_THREADED, experts_take_kernel)
 
 
 def layer_forward(
@@ -697,7 +677,7 @@ def layer_call(
 
 
 #: ``MoE.forward`` with gradients runs the whole layer through :class:`_FusedLayer` (forward and
-#: backward each one C call) up to this many tokens, on one thread (:func:`layer_threads` says 1). Measured
+#: backward each one C call) up to this many tokens (:func:`layer_train_threads`). Measured
 #: at the bench size, 1 thread, forward + backward against the modules (torch router and shared
 #: expert around the experts' own kernel, under autograd): 0.66x the time at T=1, 0.82x at T=4,
 #: 0.91x at T=16-32, 0.94x at T=64 (skewed routing: 0.87x at T=16, 0.92x at T=64); 0.97-0.99x at
