@@ -884,11 +884,14 @@ int64_t moe_openmp(void) {
 #if defined(_OPENMP)
 /* [e0, e1): part `part` of `parts` ranges of about equal cost. An expert's cost: its pairs plus
  * EXPERT_READ_COST for reading its weights if it has any (by pairs alone one thread got the few hot experts
- * of a skewed routing and the other all the rest to read: 2 threads, bench layer, skewed T=16-64 forward
- * 0.82-0.83x the time with this cost, level with balanced routing), or, without any, `idle_cost`: the
- * backward writes its zero gradient (EXPERT_ZERO_COST), the forward skips it (0). */
-#define EXPERT_READ_COST 6
-#define EXPERT_ZERO_COST 3
+ * of a skewed routing and the other all the rest to read: 2 threads, bench layer, wall clock, skewed T=16
+ * forward 0.75x the time with this cost and T=64 0.88x, balanced level; 6 measured within 3% of 3, 10 up
+ * to 11% slower), or, without any, `idle_cost`: the backward writes its zero gradient (EXPERT_ZERO_COST:
+ * 0 measured 1.39x the time at T=1 skewed, where all but 8 experts are zeros; 1-3 within noise), the
+ * forward skips it (0). */
+#define EXPERT_READ_COST 3
+#define EXPERT_ZERO_COST 2
+#define HEAD_ROUTER_COST 2 /* routing up to RB tokens, beside the experts (the one-call layer) */
 static inline int64_t expert_cost(const int64_t *offsets, int64_t e, int64_t idle_cost) {
     const int64_t pairs = offsets[e + 1] - offsets[e];
     return pairs ? pairs + EXPERT_READ_COST : idle_cost;
@@ -982,6 +985,9 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
 #if defined(_OPENMP)
     if (threads > 1) {
         const int64_t scratch_floats = RB_MAX * 3 * (I > Is ? I : Is);
+        /* up to RB tokens the first thread routes them all and runs the shared expert: it takes fewer experts
+         * (2 threads, bench layer: 0.96x the time at T=4-8, level at T=1-2) */
+        const int64_t head = T <= RB ? (sh_gate ? T + EXPERT_READ_COST : 0) + HEAD_ROUTER_COST : 0;
         int64_t tie = 0;
 #pragma omp parallel num_threads((int)threads)
         {
@@ -1001,7 +1007,7 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
             if (!tie) { /* (the same for every thread: written before the barrier) */
 #pragma omp single
                 moe_sort(ids, T * K, E, offsets, order);
-                expert_range(offsets, E, 0, 0, part, parts, &e0, &e1);
+                expert_range(offsets, E, 0, head, part, parts, &e0, &e1);
                 if (e1 > e0) moe_experts(x, order, offsets, e0, e1, K, gate_up, down, H, I, y, mine, hsave);
                 if (sh_gate && t1 > t0)
                     mlp_rows(x + t0 * H, t1 - t0, sh_gate, sh_up, sh_down, H, Is, shared + t0 * H, mine,
