@@ -198,6 +198,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_layer_bwd.restype = None
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     lib.moe_openmp.argtypes, lib.moe_openmp.restype = [], i64
+    lib.moe_expert_range.argtypes, lib.moe_expert_range.restype = [p, i64, i64, i64, i64, p], None
     # moe_experts' arguments with e0, e1 replaced by E, then scratch_floats and hsave, threads
     lib.moe_experts_parallel.argtypes = [p, p, p, i64, i64, p, p, i64, i64, p, p, i64, p, i64]
     lib.moe_experts_parallel.restype = None
@@ -363,16 +364,20 @@ def check_mlp_shapes(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> None:
         raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be {hidden} to fit {fit()}")
 
 
-def _chunks(offsets: Tensor, pairs: int, parts: int) -> list[tuple[int, int]]:
-    """Split the experts into ``parts`` ranges of about equal pair counts."""
-    ends = offsets.tolist()
-    bounds, e = [0], 0
-    for j in range(1, parts):
-        while e < len(ends) - 1 and ends[e] < pairs * j / parts:
-            e += 1
-        bounds.append(max(e, bounds[-1]))
-    bounds.append(len(ends) - 1)
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+def _chunks(offsets: Tensor, parts: int, backward: bool = False) -> list[tuple[int, int]]:
+    """Split the experts into ``parts`` ranges of about equal cost, as the kernel's OpenMP calls
+    split them (``expert_range`` in moe_cpu.c: an expert's pairs plus the reading of its weights;
+    in the backward an untouched expert's zero gradient too); the empty ones left out."""
+    offsets = offsets.to(torch.int64).contiguous()  # [E+1]: where each expert's pairs start, then all pairs
+    num_experts = offsets.numel() - 1
+    bounds = torch.empty(2, dtype=torch.int64)
+    ranges = []
+    for part in range(parts):
+        _lib.moe_expert_range(offsets.data_ptr(), num_experts, int(backward), part, parts, bounds.data_ptr())
+        e0, e1 = bounds.tolist()
+        if e1 > e0:
+            ranges.append((e0, e1))
+    return ranges
 
 
 def _threads(pairs: int, openmp: bool = False) -> int:
@@ -391,9 +396,9 @@ def _openmp_threads(pairs: int) -> int:
     return threads if threads > 1 else 0
 
 
-def _parallel(work, offsets: Tensor, pairs: int, num_experts: int) -> None:
+def _parallel(work, offsets: Tensor, pairs: int, num_experts: int, backward: bool = False) -> None:
     """Run ``work(e0, e1)`` over all experts: in torch's thread count of expert ranges of about
-    equal pair counts (ctypes releases the GIL, so the C code runs in parallel), or in one call.
+    equal cost (:func:`_chunks`; ctypes releases the GIL, so the C code runs in parallel), or in one call.
 
     Where the kernel shares torch's OpenMP runtime the callers use its parallel calls instead
     (:func:`_openmp_threads`): Python threads then compete with torch's OpenMP workers, which keep
@@ -406,7 +411,7 @@ def _parallel(work, offsets: Tensor, pairs: int, num_experts: int) -> None:
                 _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
                 _pool_pid = os.getpid()
             pool = _pool
-        list(pool.map(lambda r: work(*r), _chunks(offsets, pairs, threads)))
+        list(pool.map(lambda r: work(*r), _chunks(offsets, threads, backward)))
     else:
         work(0, num_experts)
 
@@ -486,7 +491,7 @@ def _run_backward(grad_out, x, ids, w, gate_up, down, order, offsets, hsave):
             per_thread, threads,
         )  # fmt: skip
     else:
-        _parallel(experts, offsets, pairs, num_experts)
+        _parallel(experts, offsets, pairs, num_experts, backward=True)
     return dx_slots.view(tokens, top_k, hidden).sum(dim=1), dw, d_gate_up, d_down
 
 

@@ -138,7 +138,7 @@ def test_same_result_with_any_thread_count(openmp):
         torch.set_num_threads(1)
         one = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
         torch.set_num_threads(3)  # three expert ranges, run by three threads
-        assert len(cpu_kernel._chunks(torch.tensor([0, 900, 1500, 2000, 2400]), 2400, 3)) == 3
+        assert len(cpu_kernel._chunks(torch.tensor([0, 900, 1500, 2000, 2400]), 3)) == 3
         with _threads_used(openmp):
             many = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
     finally:
@@ -158,12 +158,26 @@ def test_the_kernel_runs_on_torchs_own_openmp_threads():
     assert len(cpu_kernel._gomp_paths()) == 1, cpu_kernel._gomp_paths()
 
 
+@needs_kernel
 def test_expert_ranges_cover_every_expert_once():
     offsets = torch.tensor([0, 0, 10, 10, 11, 50, 50, 60])  # 7 experts, 60 pairs
     for parts in (1, 2, 3, 7, 10):
-        ranges = cpu_kernel._chunks(offsets, 60, parts)
-        assert ranges[0][0] == 0 and ranges[-1][1] == 7
-        assert all(a < b for a, b in ranges) and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+        for backward in (False, True):
+            ranges = cpu_kernel._chunks(offsets, parts, backward)
+            assert ranges[0][0] == 0 and ranges[-1][1] == 7
+            assert all(a < b for a, b in ranges) and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+
+
+@needs_kernel
+def test_expert_ranges_split_the_cost_not_the_pairs():
+    # one hot expert with 40 pairs, then 20 with one each: by pairs the first thread would take the hot
+    # one alone and the second all 20 to read; each expert's reading costs as much as 3 pairs
+    offsets = torch.tensor([0, 40, *range(41, 61)])
+    assert cpu_kernel._chunks(offsets, 2) == [(0, 6), (6, 21)]  # (40+3) + 5 x (1+3) = 63 of 123
+    # the backward also writes the untouched experts' zero gradients (2 pairs' worth each)
+    idle = torch.tensor([0, 8, 8, 8, 8, 8, 16])  # 6 experts: touched, 4 untouched, touched
+    assert cpu_kernel._chunks(idle, 2) == [(0, 1), (1, 6)]
+    assert cpu_kernel._chunks(idle, 2, backward=True) == [(0, 3), (3, 6)]  # (8+3) + 2 + 2 = 15 of 30
 
 
 @needs_kernel

@@ -881,8 +881,8 @@ int64_t moe_openmp(void) {
 #endif
 }
 
-#if defined(_OPENMP)
-/* [e0, e1): part `part` of `parts` ranges of about equal cost. An expert's cost: its pairs plus
+/* [e0, e1): part `part` of `parts` ranges of about equal cost (the OpenMP calls below; cpu_kernel._parallel's
+ * Python threads ask moe_expert_range). An expert's cost: its pairs plus
  * EXPERT_READ_COST for reading its weights if it has any (by pairs alone one thread got the few hot experts
  * of a skewed routing and the other all the rest to read: 2 threads, bench layer, wall clock, skewed T=16
  * forward 0.75x the time with this cost and T=64 0.88x, balanced level; 6 measured within 3% of 3, 10 up
@@ -914,7 +914,13 @@ static void expert_range(const int64_t *offsets, int64_t E, int64_t idle_cost, i
     *e0 = bound[0];
     *e1 = bound[1] > bound[0] ? bound[1] : bound[0];
 }
-#endif
+
+/* expert_range for Python (cpu_kernel._chunks): bounds = [e0, e1) of part `part`, the backward's costs if
+ * `backward` (an untouched expert's zero gradient), else the forward's */
+void moe_expert_range(const int64_t *offsets, int64_t E, int64_t backward, int64_t part, int64_t parts,
+                      int64_t *bounds) {
+    expert_range(offsets, E, backward ? EXPERT_ZERO_COST : 0, 0, part, parts, bounds, bounds + 1);
+}
 
 /* moe_experts over all E experts on `threads` threads; scratch: threads * scratch_floats floats */
 void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *offsets, int64_t E, int64_t K,
