@@ -215,12 +215,20 @@ def _load(compiler: str, extra: Sequence[str]) -> tuple[ctypes.CDLL | None, str 
     ).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
     target = _cache_dir() / f"moe_cpu-{key}{suffix}"
+    failed = target.with_suffix(".failed")  # an optional build (extra flags) that failed: not tried again
+    if extra and failed.exists():
+        return None, failed.read_text()
     if not target.exists():
         try:
             why = _build(compiler, target, extra)
         except OSError as err:  # e.g. a read-only cache directory
             why = f"could not write the kernel to {target.parent}: {err}"
         if why is not None:
+            if extra:
+                try:
+                    failed.write_text(why)
+                except OSError:
+                    pass
             return None, why
     try:
         return _declare(ctypes.CDLL(str(target))), None

@@ -4,6 +4,7 @@ by "auto" only where it applies, and a clear error or a quiet fallback where it 
 from __future__ import annotations
 
 import math
+import subprocess
 from unittest.mock import patch
 
 import pytest
@@ -151,9 +152,16 @@ def test_same_result_with_any_thread_count(openmp):
     not (__import__("sys").platform.startswith("linux") and torch._C.has_openmp),
     reason="the OpenMP build applies on Linux where torch runs on GNU OpenMP",
 )
-def test_the_kernel_runs_on_torchs_own_openmp_threads():
+def test_the_kernel_runs_on_torchs_own_openmp_threads(tmp_path):
     # built with -fopenmp, its libgomp.so.1 is the one torch loaded: one runtime, one set of threads
     # (a second runtime's threads would compete with torch's for the cores)
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    done = subprocess.run(
+        [cpu_kernel._compiler(), "-fopenmp", str(probe), "-o", str(tmp_path / "probe")], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("this C compiler cannot build with -fopenmp")
     assert cpu_kernel._openmp and cpu_kernel._lib.moe_openmp() == 1 and cpu_kernel.on_torch_threads()
     assert len(cpu_kernel._gomp_paths()) == 1, cpu_kernel._gomp_paths()
 
@@ -430,6 +438,13 @@ def test_without_openmp_the_kernel_still_builds_and_splits_with_python_threads(
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: str(no_openmp))
     assert cpu_kernel.load_kernel() is not None and not cpu_kernel._openmp
     assert cpu_kernel._lib.moe_openmp() == 0
+    monkeypatch.setattr(cpu_kernel, "_lib", None)  # the next process: neither build is tried again
+
+    def no_build(*args):
+        raise AssertionError("a cached library or a cached failure should have been used")
+
+    monkeypatch.setattr(cpu_kernel, "_build", no_build)
+    assert cpu_kernel.load_kernel() is not None and not cpu_kernel._openmp
     x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True)
     threads = torch.get_num_threads()
     try:
@@ -449,7 +464,8 @@ def test_a_failed_build_falls_back_and_says_why(fresh_kernel_state, monkeypatch,
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: str(broken))
     assert cpu_kernel.load_kernel() is None
     assert "could not build moe_cpu.c: cc: fatal error: no such thing" in cpu_kernel.kernel_status()
-    assert not any(fresh_kernel_state.iterdir())  # no half-written library left behind
+    left = [p.name for p in fresh_kernel_state.iterdir()]  # no half-written library left behind
+    assert all(name.endswith(".failed") for name in left), left  # (only the note not to try -fopenmp again)
     with torch.no_grad():
         assert choose_strategy(torch.zeros(1, 64), torch.zeros(1, 2, dtype=torch.long), 16) == "gather_bmm"
     x, idx, w, gu, dn = _problem(4, 8, 2, 32, 16)
@@ -475,7 +491,9 @@ def test_build_is_cached(fresh_kernel_state, monkeypatch):
         pytest.skip("no C compiler on this machine")
     assert cpu_kernel.load_kernel() is not None
     built = sorted(p.name for p in fresh_kernel_state.iterdir())
-    assert len(built) == 1 and built[0].startswith("moe_cpu-") and not built[0].endswith(".tmp")
+    assert not any(name.endswith(".tmp") for name in built)
+    libraries = [name for name in built if not name.endswith(".failed")]  # (.failed: no -fopenmp build here)
+    assert len(libraries) == 1 and libraries[0].startswith("moe_cpu-")
     monkeypatch.setattr(cpu_kernel, "_lib", None)
 
     def no_rebuild(*args):
