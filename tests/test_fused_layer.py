@@ -6,6 +6,7 @@ modules must run (routing returned with gradients, hooks, softmax, other sizes).
 
 from __future__ import annotations
 
+import threading
 from unittest.mock import patch
 
 import pytest
@@ -218,6 +219,33 @@ def test_more_tokens_on_several_threads_where_the_experts_take_the_kernel(calls)
         assert len(calls) == seen
     finally:
         torch.set_num_threads(threads)
+
+
+def test_calls_from_several_python_threads_at_once():
+    """Each Python thread's call gets its own OpenMP team (and its own scratch): the same bits."""
+    moe = MoE(preset("bench")).eval()
+    xs = [torch.randn(t, 512, generator=torch.Generator().manual_seed(t)) for t in (1, 16, 64, 200)]
+    threads, errors = torch.get_num_threads(), []
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            expected = [moe(x) for x in xs]
+
+        def work() -> None:
+            for _ in range(5):
+                for x, ref in zip(xs, expected):
+                    with torch.no_grad():
+                        if not torch.equal(moe(x), ref):
+                            errors.append(x.shape[0])
+
+        workers = [threading.Thread(target=work) for _ in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert errors == [], f"different results at T={sorted(set(errors))}"
 
 
 def test_two_threads_hand_a_tie_in_either_half_back_to_torch(calls):
