@@ -555,33 +555,44 @@ LAYER_MAX_TOKENS = 64
 LAYER_MAX_TOKENS_THREADED = 256
 
 
-def _call_threads(tokens: int, top_k: int, most: int, most_threaded: int, experts_take_kernel) -> int:
-    """layer_threads and layer_train_threads, with their token limits."""
+def _call_threads(tokens: int, top_k: int, inference: bool, experts_on_kernel) -> int:
+    """layer_threads (``inference``) and layer_train_threads, with their token limits."""
+    most, most_threaded = (
+        (LAYER_MAX_TOKENS, LAYER_MAX_TOKENS_THREADED)
+        if inference
+        else (TRAIN_MAX_TOKENS, TRAIN_MAX_TOKENS_THREADED)
+    )
     if tokens <= most and torch.get_num_threads() == 1:  # (the common case first: one token)
         return 1
     pairs = tokens * top_k
     if tokens > most:
         threads = _openmp_threads(pairs) if tokens <= most_threaded else 0
-        return threads if threads and experts_take_kernel is not None and experts_take_kernel(pairs) else 0
+        return (
+            threads
+            if threads and experts_on_kernel is not None and experts_on_kernel(pairs, inference)
+            else 0
+        )
     return _openmp_threads(pairs) or (1 if _threads(pairs) == 1 else 0)
 
 
-def layer_threads(tokens: int, top_k: int, experts_take_kernel: Callable[[int], bool] | None = None) -> int:
+def layer_threads(
+    tokens: int, top_k: int, experts_on_kernel: Callable[[int, bool], bool] | None = None
+) -> int:
     """On how many threads :func:`layer_call` should run a call on ``tokens`` tokens (inference),
     or 0 where the modules should: more than ``LAYER_MAX_TOKENS`` tokens (on torch's OpenMP threads
-    ``LAYER_MAX_TOKENS_THREADED``, if ``experts_take_kernel(pairs)`` says the modules' experts would
-    run the kernel too), or pairs enough for several threads where the kernel cannot run them on
-    torch's own (:func:`_openmp_threads`)."""
-    return _call_threads(tokens, top_k, LAYER_MAX_TOKENS, LAYER_MAX_TOKENS_THREADED, experts_take_kernel)
+    ``LAYER_MAX_TOKENS_THREADED``, if ``experts_on_kernel(pairs, inference)`` says the modules'
+    experts would run the kernel too), or pairs enough for several threads where the kernel cannot
+    run them on torch's own (:func:`_openmp_threads`)."""
+    return _call_threads(tokens, top_k, True, experts_on_kernel)
 
 
 def layer_train_threads(
-    tokens: int, top_k: int, experts_take_kernel: Callable[[int], bool] | None = None
+    tokens: int, top_k: int, experts_on_kernel: Callable[[int, bool], bool] | None = None
 ) -> int:
     """:func:`layer_threads` for :func:`layer_train_call` (forward and backward), with
-    ``TRAIN_MAX_TOKENS`` and ``TRAIN_MAX_TOKENS_THREADED``; ``experts_take_kernel`` then answers
-    for training (the experts' kernel has its own thresholds with gradients)."""
-    return _call_threads(tokens, top_k, TRAIN_MAX_TOKENS, TRAIN_MAX_TOKENS_THREADED, experts_take_kernel)
+    ``TRAIN_MAX_TOKENS`` and ``TRAIN_MAX_TOKENS_THREADED``; ``experts_on_kernel`` is then asked for
+    training (the experts' kernel has its own thresholds with gradients)."""
+    return _call_threads(tokens, top_k, False, experts_on_kernel)
 
 
 def layer_forward(

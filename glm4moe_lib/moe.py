@@ -118,7 +118,7 @@ class MoE(nn.Module):
             and x.shape[-1] == h
             and (
                 threads := cpu_kernel.layer_threads(
-                    x.numel() // h, c.num_experts_per_tok, self._experts_take_kernel
+                    x.numel() // h, c.num_experts_per_tok, self._experts_on_kernel
                 )
             )
         ):
@@ -162,7 +162,7 @@ class MoE(nn.Module):
                 c.routed_scaling_factor)  # fmt: skip
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             train_threads = cpu_kernel.layer_train_threads(
-                x.numel() // h, c.num_experts_per_tok, self._experts_train_on_kernel
+                x.numel() // h, c.num_experts_per_tok, self._experts_on_kernel
             )
             if return_routing or not train_threads:
                 return None
@@ -173,16 +173,12 @@ class MoE(nn.Module):
         out, logits, scores, weights, indices = done
         return out, RouterOutput(logits, scores, weights, indices)
 
-    def _experts_take_kernel(self, pairs: int) -> bool:
-        """Whether "auto" would run the experts on ``pairs`` (token, slot) pairs through the C kernel
-        (asked beyond ``cpu_kernel.LAYER_MAX_TOKENS`` tokens): wider layers hand large batches to the BLAS."""
+    def _experts_on_kernel(self, pairs: int, inference: bool) -> bool:
+        """Whether "auto" would run the experts on ``pairs`` (token, slot) pairs through the C kernel,
+        for inference or with gradients (asked beyond ``cpu_kernel.LAYER_MAX_TOKENS`` tokens): wider
+        layers hand large batches to the BLAS."""
         c = self.config
-        return dispatch.fused_cpu_pays(pairs, c.n_routed_experts, c.hidden_size, inference=True)
-
-    def _experts_train_on_kernel(self, pairs: int) -> bool:
-        """The same as :meth:`_experts_take_kernel` with gradients (its own thresholds)."""
-        c = self.config
-        return dispatch.fused_cpu_pays(pairs, c.n_routed_experts, c.hidden_size, inference=False)
+        return dispatch.fused_cpu_pays(pairs, c.n_routed_experts, c.hidden_size, inference=inference)
 
     @classmethod
     def from_hf(cls, hf_moe: nn.Module) -> MoE:

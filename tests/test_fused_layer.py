@@ -19,6 +19,11 @@ pytestmark = pytest.mark.skipif(
     cpu_kernel.load_kernel() is None, reason=f"fused CPU kernel {cpu_kernel.kernel_status()}"
 )
 
+# the kernel's calls on several of torch's OpenMP threads (the kernel is loaded: see pytestmark)
+needs_openmp = pytest.mark.skipif(
+    not cpu_kernel._openmp, reason="the kernel does not share torch's OpenMP runtime here"
+)
+
 CONFIGS = {  # the library's presets, with widths that are not multiples of 16 where it matters
     "plain": preset(
         "tiny", hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4
@@ -144,7 +149,7 @@ def test_a_few_tokens_on_as_many_threads_as_pairs_pay_for(calls):
             assert cpu_kernel.layer_threads(most + 1, 8) == 0
             assert cpu_kernel.layer_train_threads(8, 16) == (2 if cpu_kernel._openmp else 0)
             assert cpu_kernel.layer_train_threads(cpu_kernel.TRAIN_MAX_TOKENS + 1, 1) == 0
-            more, yes = cpu_kernel.TRAIN_MAX_TOKENS_THREADED, lambda pairs: True  # noqa: E731
+            more, yes = cpu_kernel.TRAIN_MAX_TOKENS_THREADED, lambda pairs, inference: True  # noqa: E731
             assert cpu_kernel.layer_train_threads(more, 8, yes) == (2 if cpu_kernel._openmp else 0)
             assert cpu_kernel.layer_train_threads(more + 1, 8, yes) == 0
             with patch.object(cpu_kernel, "_openmp", False):  # else Python threads, from 64 pairs each
@@ -153,11 +158,10 @@ def test_a_few_tokens_on_as_many_threads_as_pairs_pay_for(calls):
         torch.set_num_threads(threads)
 
 
+@needs_openmp
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
 @pytest.mark.parametrize("name", CONFIGS)
 def test_two_threads_give_the_bits_of_one(name, calls):
-    if not cpu_kernel._openmp:
-        pytest.skip("the kernel does not share torch's OpenMP runtime here")
     moe, _ = _layers(CONFIGS[name])
     top_k, threads = moe.config.num_experts_per_tok, torch.get_num_threads()
     # from the fewest tokens that give two threads to LAYER_MAX_TOKENS, and counts that split unevenly
@@ -187,9 +191,8 @@ def test_two_threads_give_the_bits_of_one(name, calls):
     assert calls == [True] * 4 * len(counts)
 
 
+@needs_openmp
 def test_more_tokens_on_several_threads_where_the_experts_take_the_kernel(calls):
-    if not cpu_kernel._openmp:
-        pytest.skip("the kernel does not share torch's OpenMP runtime here")
     moe = MoE(preset("bench")).eval()
     # a wide layer whose experts the BLAS takes at this many pairs per expert (see dispatch)
     wide = MoE(
@@ -248,9 +251,8 @@ def test_calls_from_several_python_threads_at_once():
     assert errors == [], f"different results at T={sorted(set(errors))}"
 
 
+@needs_openmp
 def test_two_threads_hand_a_tie_in_either_half_back_to_torch(calls):
-    if not cpu_kernel._openmp:
-        pytest.skip("the kernel does not share torch's OpenMP runtime here")
     moe = MoE(preset("bench")).eval()
     threads = torch.get_num_threads()
     try:
@@ -495,11 +497,10 @@ def test_training_matches_the_modules_and_transformers(name, tokens, train_calls
     assert torch.equal(moe.gate.weight.grad[untouched], torch.zeros_like(moe.gate.weight[untouched]))
 
 
+@needs_openmp
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
 @pytest.mark.parametrize("name", CONFIGS)
 def test_training_on_two_threads_gives_the_bits_of_one(name, train_calls):
-    if not cpu_kernel._openmp:
-        pytest.skip("the kernel does not share torch's OpenMP runtime here")
     moe, _ = _layers(CONFIGS[name])
     top_k, threads, most = (
         moe.config.num_experts_per_tok,
@@ -529,9 +530,8 @@ def test_training_on_two_threads_gives_the_bits_of_one(name, train_calls):
     assert train_calls == [True] * 2 * len(counts)
 
 
+@needs_openmp
 def test_training_more_tokens_on_several_threads(train_calls):
-    if not cpu_kernel._openmp:
-        pytest.skip("the kernel does not share torch's OpenMP runtime here")
     torch.manual_seed(0)
     moe = MoE(preset("bench"))
     ref = MoE(moe.config)  # the same weights, run by its modules (return_routing keeps them)
