@@ -53,7 +53,7 @@ from torch import Tensor
 from .config import PRESETS, MoEConfig
 from .cpu_kernel import unsupported
 from .device import keep_freed_cpu_memory
-from .dispatch import STRATEGIES, choose_strategy
+from .dispatch import STRATEGIES, choose_strategy, dispatch_combine
 from .moe import MoE
 
 FULL_TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -409,6 +409,121 @@ def time_interleaved(
         name: {"min_s": min(s), "median_s": statistics.median(s), "calls_per_sample": calls[name]}
         for name, s in samples.items()
     }
+
+
+# ---- reading and computing: do they overlap? ----------------------------------------------------
+def even_routing(tokens: int, experts: int, top_k: int) -> Tensor:
+    """[tokens, top_k] expert ids, distinct within each token, that give every expert the same
+    number of (token, slot) pairs: token t takes experts t·K, t·K+1, ..., t·K+K-1 (mod E). Every
+    expert then gets exactly tokens·K / E pairs (the caller makes E divide tokens·K)."""
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k={top_k} is not allowed: it must lie in [1, experts={experts}]")
+    if tokens < 0 or (tokens * top_k) % experts:
+        raise ValueError(
+            f"tokens={tokens} is not allowed: tokens * top_k ({tokens} * {top_k}) must be a non-negative "
+            f"multiple of experts={experts}, so that every expert gets the same number of pairs"
+        )
+    pairs = torch.arange(tokens * top_k, dtype=torch.int64).reshape(tokens, top_k)  # [T, K]
+    return pairs % experts
+
+
+def overlap_probe(
+    gate_up: Tensor,
+    down: Tensor,
+    top_k: int,
+    tokens_per_expert: Sequence[int] = (1, 2, 4, 8),
+    hot_experts: int | None = None,
+    repeats: int = 5,
+    min_sample_s: float = 0.02,
+    strategy: str = "auto",
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Do the routed experts' weight reads and their multiply-adds overlap? Three times per row.
+
+    For each n in ``tokens_per_expert``, every one of the E experts gets exactly n of the T = E·n/K
+    tokens (:func:`even_routing`), and three steps are timed, interleaved:
+
+    * ``call_s``: the routed experts on those T tokens (``dispatch_combine`` with ``strategy``),
+      their weights coming from memory (E experts' weights, far more than the caches);
+    * ``read_s``: a plain read of as many bytes (``Tensor.sum``): the memory side alone;
+    * ``compute_s``: the same work per expert on ``hot_experts`` experts (default K: 8 experts are
+      6 MB at the benchmark's size) whose weights stay in cache, times E / hot_experts: the work
+      alone, with (almost) no wait on memory.
+
+    The limit assumes the two overlap perfectly: ``max(read_s, compute_s)``; one after the other
+    they take ``read_s + compute_s``. Runs on ``threads`` of torch's threads (default: as many as
+    now; set back afterwards); ``gate_up`` [E, 2I, H] and
+    ``down`` [E, H, I] as in :class:`~glm4moe_lib.experts.Experts`. Returns one dict per n:
+    ``tokens_per_expert``, ``tokens``, ``call_s``, ``read_s``, ``compute_s`` (minimum per call).
+    """
+    if gate_up.dim() != 3 or down.dim() != 3 or down.shape[0] != gate_up.shape[0]:
+        raise ValueError(
+            f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} must be [E, 2I, H] and [E, H, I]"
+        )
+    experts = gate_up.shape[0]
+    hot = top_k if hot_experts is None else hot_experts
+    if not top_k <= hot <= experts:
+        raise ValueError(
+            f"hot_experts={hot} is not allowed: it must lie in [top_k={top_k}, experts={experts}]"
+        )
+    for n in tokens_per_expert:
+        if not (
+            isinstance(n, int)
+            and not isinstance(n, bool)
+            and n >= 1
+            and (experts * n) % top_k == 0
+            and (hot * n) % top_k == 0
+        ):
+            raise ValueError(
+                f"tokens_per_expert has {n!r}: each must be a positive int n with experts * n ({experts} * n) "
+                f"and hot_experts * n ({hot} * n) multiples of top_k={top_k}"
+            )
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} is not allowed: at least 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} is not allowed: at least 1 (or None: torch's current count)")
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _overlap_rows(gate_up, down, top_k, tokens_per_expert, hot, repeats, min_sample_s, strategy)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _overlap_rows(gate_up, down, top_k, tokens_per_expert, hot, repeats, min_sample_s, strategy):
+    experts, hidden = gate_up.shape[0], gate_up.shape[2]
+    device, dtype = gate_up.device, gate_up.dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hot_gate_up, hot_down = gate_up[:hot].detach().clone(), down[:hot].detach().clone()
+    weights = torch.cat([gate_up.detach().reshape(-1), down.detach().reshape(-1)])  # what the call reads
+    rows = []
+    for n in tokens_per_expert:
+        steps = {}
+        for name, (e, gu, dn) in {
+            "call": (experts, gate_up, down),
+            "hot": (hot, hot_gate_up, hot_down),
+        }.items():
+            tokens = e * n // top_k
+            x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)  # [T, H]
+            ids = even_routing(tokens, e, top_k).to(device)  # [T, K]
+            w = torch.rand(tokens, top_k, generator=gen).to(device=device, dtype=dtype)  # [T, K]
+            steps[name] = lambda x=x, ids=ids, w=w, gu=gu, dn=dn: dispatch_combine(
+                x, ids, w, gu, dn, strategy=strategy
+            )
+        steps["read"] = weights.sum
+        with torch.no_grad():
+            times = time_interleaved(steps, device, repeats, min_sample_s)
+        rows.append(
+            {
+                "tokens_per_expert": n,
+                "tokens": experts * n // top_k,
+                "call_s": times["call"]["min_s"],
+                "read_s": times["read"]["min_s"],
+                "compute_s": times["hot"]["min_s"] * experts / hot,
+            }
+        )
+    return rows
 
 
 # ---- one run -------------------------------------------------------------------------------------

@@ -114,13 +114,31 @@ def ratio_table(
     return out
 
 
-def plot_cost_breakdown(parts: dict[str, float], title: str = "Where the time goes") -> Figure:
-    """Horizontal bars of microseconds per part of one layer call (e.g. router, experts, shared)."""
-    fig, ax = plt.subplots(figsize=(6.5, 0.5 + 0.45 * len(parts)))
-    names = list(parts)
-    ax.barh(names, [parts[n] for n in names], color=PALETTE[0])
-    ax.invert_yaxis()
-    ax.set_xlabel("microseconds")
-    ax.set_title(title)
+def plot_overlap(rows: Sequence[dict[str, Any]], title: str | None = None) -> Figure:
+    """Bars of :func:`glm4moe_lib.bench.overlap_probe`'s rows: for each number of tokens per expert,
+    the plain read of the weights, the same work with the weights in cache, and the call itself,
+    with the two bounds drawn across each group: both at once (the limit) and one after the other."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bars = (
+        ("read_s", "read the weights (memory alone)", PALETTE[5], ""),
+        ("compute_s", "the same work, weights in cache", PALETTE[1], "//"),
+        ("call_s", "the call: weights from memory", PALETTE[0], ""),
+    )
+    width = 0.26
+    for i, row in enumerate(rows):
+        for j, (key, label, colour, hatch) in enumerate(bars):
+            ax.bar(i + (j - 1) * width, row[key] * 1e3, width, color=colour, hatch=hatch, edgecolor="white",
+                   label=label if i == 0 else None)  # fmt: skip
+        both, serial = max(row["read_s"], row["compute_s"]) * 1e3, (row["read_s"] + row["compute_s"]) * 1e3
+        span = (i - 1.6 * width, i + 1.6 * width)
+        ax.plot(span, (both, both), color="black", lw=2, label="both at once (the limit)" if i == 0 else None)
+        ax.plot(span, (serial, serial), color="black", lw=1.5, ls=(0, (2, 2)),
+                label="one after the other" if i == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(rows)), [f"{row['tokens_per_expert']} ({row['tokens']} tokens)" for row in rows])
+    ax.set_xlabel("tokens per expert (T)")
+    ax.set_ylabel("ms per call")
+    ax.set_title(title or "The routed experts: reading and computing, how far they overlap")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_ylim(0, max((r["read_s"] + r["compute_s"]) * 1e3 for r in rows) * 1.35)
     fig.tight_layout()
     return close(fig)
