@@ -33,9 +33,10 @@ and the sigmoid to the chosen experts' logits, then to the router weight and the
 
 Threads: where torch runs its ops on GNU OpenMP (Linux) the kernel is built with ``-fopenmp`` and
 shares torch's ``libgomp.so.1``, so its parallel calls run on torch's own threads
-(:func:`on_torch_threads`): the experts in ranges of about equal cost, and the one-call layer
-with each thread routing some tokens, running the shared expert on them and some experts. The
-results are the same bits as on one thread. Elsewhere (or in a forked child, where libgomp's threads
+(:func:`on_torch_threads`): the experts in ranges of about equal cost, each thread then taking
+over what the others have left (a thread slowed by other work on its core), and the one-call
+layer with each thread routing some tokens, running the shared expert on them and some experts.
+The results are the same bits as on one thread. Elsewhere (or in a forked child, where libgomp's threads
 would hang) a Python pool runs the experts' ranges, and the one-call layer stays on one thread.
 """
 
@@ -199,6 +200,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mlp_forward.argtypes, lib.mlp_forward.restype = [p, i64, p, p, p, i64, i64, p, p], None
     lib.moe_openmp.argtypes, lib.moe_openmp.restype = [], i64
     lib.moe_expert_range.argtypes, lib.moe_expert_range.restype = [p, i64, i64, i64, i64, p], None
+    # for tests: a thread that claims none of its own experts (the others take them over), and the count
+    lib.moe_schedule_test.argtypes, lib.moe_schedule_test.restype = [i64], None
+    lib.moe_taken_over.argtypes, lib.moe_taken_over.restype = [], i64
     # moe_experts' arguments with e0, e1 replaced by E, then scratch_floats and hsave, threads
     lib.moe_experts_parallel.argtypes = [p, p, p, i64, i64, p, p, i64, i64, p, p, i64, p, i64]
     lib.moe_experts_parallel.restype = None

@@ -148,6 +148,38 @@ def test_same_result_with_any_thread_count(openmp):
 
 
 @needs_kernel
+@pytest.mark.parametrize("owner", [0, 2])
+def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner):
+    """The experts' forward and backward on three OpenMP threads, one of which claims none of its own
+    range: the others run those experts, and the output and every gradient keep the bits of one thread."""
+    if not cpu_kernel._openmp:
+        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+    lib, threads = cpu_kernel._lib, torch.get_num_threads()
+
+    def run():
+        x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True, grad=True)
+        out = cpu_kernel.fused_cpu_dispatch(x, idx, w, gu, dn)
+        out.backward(torch.ones_like(out))
+        return [out, x.grad, w.grad, gu.grad, dn.grad]
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        lib.moe_taken_over()  # (from zero)
+        lib.moe_schedule_test(owner)
+        with _threads_used(openmp=True):
+            three = run()
+        moved = lib.moe_taken_over()
+    finally:
+        lib.moe_schedule_test(-1)
+        torch.set_num_threads(threads)
+    assert moved > 0, "no expert was taken over from the idle thread"
+    for a, b in zip(one, three, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
 @pytest.mark.skipif(
     not (__import__("sys").platform.startswith("linux") and torch._C.has_openmp),
     reason="the OpenMP build applies on Linux where torch runs on GNU OpenMP",

@@ -201,14 +201,12 @@ static inline void read_ahead_step(read_ahead *ra) {
 #define STREAM_MIN_TOKENS 2
 static inline void stream_ahead(const float *p) { __builtin_prefetch((const char *)p + STREAM_AHEAD, 0, 1); }
 
-/* What to read ahead while expert e is computed: the weights of the next expert in [e, e1) that
- * has a token, if e has at least PREFETCH_MIN_PAIRS pairs (else nothing). */
-static read_ahead read_ahead_of_next(const int64_t *offsets, int64_t e, int64_t e1, const float *gate_up,
-                                     const float *down, int64_t H, int64_t I) {
+/* What to read ahead while expert e is computed: the weights of expert `next` (the one that runs
+ * after it on this thread; -1: none), if e has at least PREFETCH_MIN_PAIRS pairs (else nothing). */
+static read_ahead read_ahead_of(const int64_t *offsets, int64_t e, int64_t next, const float *gate_up,
+                                const float *down, int64_t H, int64_t I) {
     read_ahead ra = {{NULL, NULL}, {NULL, NULL}};
-    int64_t next = e + 1;
-    while (next < e1 && offsets[next + 1] == offsets[next]) next++;
-    if (next < e1 && offsets[e + 1] - offsets[e] >= PREFETCH_MIN_PAIRS) {
+    if (next >= 0 && offsets[e + 1] - offsets[e] >= PREFETCH_MIN_PAIRS) {
         ra.at[0] = (const char *)(gate_up + next * 2 * I * H);
         ra.end[0] = ra.at[0] + 2 * I * H * sizeof(float);
         ra.at[1] = (const char *)(down + next * H * I);
@@ -468,27 +466,41 @@ static void split_scratch(float *scratch, int64_t I, float **g, float **a) {
 /* y[p] = expert_e(x[p / K]) for every pair p of the experts e in [e0, e1).
  * gate_up [E, 2I, H] (gate rows first), down [E, H, I]; scratch holds RB * 3 * I floats;
  * hsave: NULL, or [T*K, 2I] to keep each pair's gate and up pre-activations for moe_experts_bwd. */
+/* moe_experts' work for one expert e (with at least one pair), reading ahead expert `next` (-1: none);
+ * g and a: split_scratch's rows */
+static void expert_forward(const float *x, const int64_t *order, const int64_t *offsets, int64_t e, int64_t next,
+                           int64_t K, const float *gate_up, const float *down, int64_t H, int64_t I, float *y,
+                           float *const *g, float *const *a, float *hsave) {
+    const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
+    read_ahead ra = read_ahead_of(offsets, e, next, gate_up, down, H, I);
+    for (int64_t p = offsets[e]; p < offsets[e + 1]; p += RB) {
+        const int nr = (int)(offsets[e + 1] - p < RB ? offsets[e + 1] - p : RB);
+        const float *xr[RB];
+        float *yr[RB], *hr[RB];
+        for (int r = 0; r < nr; r++) {
+            xr[r] = x + (order[p + r] / K) * H;
+            yr[r] = y + order[p + r] * H;
+            hr[r] = hsave ? hsave + order[p + r] * 2 * I : NULL;
+        }
+        swiglu_rows(gu, gu + I * H, dn, H, I, xr, nr, yr, g, a, hsave ? hr : NULL, &ra);
+    }
+}
+
+/* the next expert after e in [e, e1) with a pair, or -1 */
+static int64_t next_touched(const int64_t *offsets, int64_t e, int64_t e1) {
+    int64_t next = e + 1;
+    while (next < e1 && offsets[next + 1] == offsets[next]) next++;
+    return next < e1 ? next : -1;
+}
+
 void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, int64_t e0, int64_t e1,
                  int64_t K, const float *gate_up, const float *down, int64_t H, int64_t I, float *y,
                  float *scratch, float *hsave) {
     float *g[RB], *a[RB];
     split_scratch(scratch, I, g, a);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
-        if (offsets[e + 1] == offsets[e]) continue;
-        read_ahead ra = read_ahead_of_next(offsets, e, e1, gate_up, down, H, I);
-        for (int64_t p = offsets[e]; p < offsets[e + 1]; p += RB) {
-            const int nr = (int)(offsets[e + 1] - p < RB ? offsets[e + 1] - p : RB);
-            const float *xr[RB];
-            float *yr[RB], *hr[RB];
-            for (int r = 0; r < nr; r++) {
-                xr[r] = x + (order[p + r] / K) * H;
-                yr[r] = y + order[p + r] * H;
-                hr[r] = hsave ? hsave + order[p + r] * 2 * I : NULL;
-            }
-            swiglu_rows(gu, gu + I * H, dn, H, I, xr, nr, yr, g, a, hsave ? hr : NULL, &ra);
-        }
-    }
+    for (int64_t e = e0; e < e1; e++)
+        if (offsets[e + 1] > offsets[e])
+            expert_forward(x, order, offsets, e, next_touched(offsets, e, e1), K, gate_up, down, H, I, y, g, a, hsave);
 }
 
 /* mlp_forward, keeping each token's gate and up pre-activations in hsave [T, 2I] if not NULL */
@@ -823,6 +835,39 @@ static void split_scratch_bwd(float *scratch, int64_t I, float **a, float **da, 
     }
 }
 
+/* moe_experts_bwd's work for one expert e (a zero gradient if it has no pair), without the closing
+ * stream_fence (the caller's, once all its experts are done); a, da, dh: split_scratch_bwd's rows */
+static void expert_backward(const float *x, const int64_t *order, const int64_t *offsets, int64_t e, int64_t K,
+                            const float *w, const float *grad, const float *gate_up, const float *down,
+                            const float *hsave, int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up,
+                            float *d_down, float *const *a, float *const *da, float *const *dh) {
+    const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
+    float *dgu = d_gate_up + e * 2 * I * H, *ddn = d_down + e * H * I;
+    if (offsets[e + 1] == offsets[e]) { /* no token: a zero gradient, written once */
+        zero_stream(dgu, 2 * I * H);
+        zero_stream(ddn, H * I);
+        return;
+    }
+    const int64_t block = offsets[e + 1] - offsets[e] <= RBB ? RBB : RBB_MANY;
+    for (int64_t p = offsets[e]; p < offsets[e + 1]; p += block) {
+        const int nr = (int)(offsets[e + 1] - p < block ? offsets[e + 1] - p : block);
+        const float *xr[RBB], *gr[RBB], *hr[RBB];
+        float wr[RBB], *dxr[RBB], dwr[RBB];
+        for (int r = 0; r < nr; r++) {
+            const int64_t slot = order[p + r];
+            xr[r] = x + (slot / K) * H;
+            gr[r] = grad + (slot / K) * H;
+            hr[r] = hsave + slot * 2 * I;
+            wr[r] = w[slot];
+            dxr[r] = dx_slots + slot * H;
+        }
+        const int first = p == offsets[e], last = p + block >= offsets[e + 1];
+        block_bwd(gu, gu + I * H, dn, dgu, dgu + I * H, ddn, H, I, nr, xr, gr, wr, hr, dxr, dwr, a, da, dh, first,
+                  last);
+        for (int r = 0; r < nr; r++) dw[order[p + r]] = dwr[r];
+    }
+}
+
 /* The backward of moe_experts + moe_combine for the experts e in [e0, e1), reading each touched
  * expert's weights once more (the forward kept each pair's gate and up pre-activations in hsave
  * [T*K, 2I]) and writing each expert's gradient once: zeros for the experts that got no token.
@@ -834,33 +879,9 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
                      float *d_down, float *scratch) {
     float *a[RBB], *da[RBB], *dh[RBB];
     split_scratch_bwd(scratch, I, a, da, dh);
-    for (int64_t e = e0; e < e1; e++) {
-        const float *gu = gate_up + e * 2 * I * H, *dn = down + e * H * I;
-        float *dgu = d_gate_up + e * 2 * I * H, *ddn = d_down + e * H * I;
-        if (offsets[e + 1] == offsets[e]) { /* no token: a zero gradient, written once */
-            zero_stream(dgu, 2 * I * H);
-            zero_stream(ddn, H * I);
-            continue;
-        }
-        const int64_t block = offsets[e + 1] - offsets[e] <= RBB ? RBB : RBB_MANY;
-        for (int64_t p = offsets[e]; p < offsets[e + 1]; p += block) {
-            const int nr = (int)(offsets[e + 1] - p < block ? offsets[e + 1] - p : block);
-            const float *xr[RBB], *gr[RBB], *hr[RBB];
-            float wr[RBB], *dxr[RBB], dwr[RBB];
-            for (int r = 0; r < nr; r++) {
-                const int64_t slot = order[p + r];
-                xr[r] = x + (slot / K) * H;
-                gr[r] = grad + (slot / K) * H;
-                hr[r] = hsave + slot * 2 * I;
-                wr[r] = w[slot];
-                dxr[r] = dx_slots + slot * H;
-            }
-            const int first = p == offsets[e], last = p + block >= offsets[e + 1];
-            block_bwd(gu, gu + I * H, dn, dgu, dgu + I * H, ddn, H, I, nr, xr, gr, wr, hr, dxr, dwr, a, da, dh, first,
-                      last);
-            for (int r = 0; r < nr; r++) dw[order[p + r]] = dwr[r];
-        }
-    }
+    for (int64_t e = e0; e < e1; e++)
+        expert_backward(x, order, offsets, e, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up, d_down,
+                        a, da, dh);
     stream_fence();
 }
 
@@ -868,7 +889,8 @@ void moe_experts_bwd(const float *x, const int64_t *order, const int64_t *offset
 
 /* Where cpu_kernel.py builds this file with -fopenmp (Linux, torch on GNU OpenMP, whose libgomp.so.1 the
  * library then shares: one runtime, one set of threads), moe_experts_parallel and moe_experts_bwd_parallel
- * run the experts in `threads` ranges of about equal cost (expert_range) on the threads torch's own ops run on.
+ * run the experts on the threads torch's own ops run on: each thread its range of about equal cost (expert_range),
+ * then what the others have left (share_out, claim).
  * Python threads instead (cpu_kernel._parallel's pool) meet torch's OpenMP workers still spinning after
  * the op before (libgomp spins for a while before it sleeps): on two cores the two then share one core.
  * Measured (2 threads, T=256, bench layer): the routed experts 7.1 ms after a pause but 10.5 ms right
@@ -922,17 +944,129 @@ void moe_expert_range(const int64_t *offsets, int64_t E, int64_t backward, int64
     expert_range(offsets, E, backward ? EXPERT_ZERO_COST : 0, 0, part, parts, bounds, bounds + 1);
 }
 
+#if defined(_OPENMP)
+/* Sharing the experts out among the threads: each thread starts on its own range of about equal cost
+ * (expert_range), in address order, then takes what the others have left, from the back of the range
+ * with the most left. Without other work on the machine the ranges finish together and nothing moves;
+ * where one thread runs slower (another process on its core, a slower core) the others take over its
+ * last experts. Measured (2 threads, bench layer, wall clock, in-process A/B against fixed ranges): with
+ * a busy loop on the second core the forward 0.72-0.76x the time at T=16-256 and forward+backward
+ * 0.77-0.92x (T=1-8 swing both ways from run to run: a time slice of the busy loop decides them); on an
+ * idle machine level (within 1%) for balanced routing and 0.94-0.97x forward, 0.84-0.95x forward+backward
+ * for skewed T=16-64. Which thread runs an expert changes nothing in its result: the same bits. */
+typedef struct {
+    int64_t lo, hi; /* the items [lo, hi) of the list not yet claimed */
+} span;
+
+static int64_t idle_owner = -1; /* tests (moe_schedule_test): this thread claims nothing of its own range */
+static int64_t taken_over = 0;  /* tests (moe_taken_over): experts run by a thread outside its own range */
+
+/* list: the experts with work (those with a pair, or with idle_cost all E), in order; spans[part]: each
+ * thread's range of it, as expert_range splits the experts. Returns the list's length. */
+static int64_t share_out(const int64_t *offsets, int64_t E, int64_t idle_cost, int64_t head_cost, int64_t parts,
+                         int64_t *list, span *spans) {
+    int64_t n = 0;
+    for (int64_t part = 0; part < parts; part++) {
+        int64_t e0, e1;
+        expert_range(offsets, E, idle_cost, head_cost, part, parts, &e0, &e1);
+        spans[part].lo = n;
+        for (int64_t e = e0; e < e1; e++)
+            if (idle_cost || offsets[e + 1] > offsets[e]) list[n++] = e;
+        spans[part].hi = n;
+    }
+    return n;
+}
+
+/* The next list item for thread `part` (-1: none left): the first left of its own range, else the last
+ * left of the range with the most left. *next: the item after it in its own range (-1: none, or taken
+ * from another range), to read ahead. */
+static int64_t claim(span *spans, int64_t parts, int64_t part, int64_t *next) {
+    int64_t i = -1, from = -1;
+    *next = -1;
+#pragma omp critical(moe_claim)
+    {
+        if (part != idle_owner && spans[part].lo < spans[part].hi) {
+            i = spans[part].lo++;
+            if (spans[part].lo < spans[part].hi) *next = spans[part].lo;
+        } else {
+            int64_t most = 0;
+            for (int64_t q = 0; q < parts; q++)
+                if (spans[q].hi - spans[q].lo > most) {
+                    most = spans[q].hi - spans[q].lo;
+                    from = q;
+                }
+            if (from >= 0) i = --spans[from].hi;
+        }
+    }
+    if (from >= 0) {
+#pragma omp atomic
+        taken_over++;
+    }
+    return i;
+}
+
+/* thread `part`'s share of the routed experts' forward (list and spans: share_out's) */
+static void experts_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
+                            span *spans, int64_t parts, int64_t part, int64_t K, const float *gate_up,
+                            const float *down, int64_t H, int64_t I, float *y, float *scratch, float *hsave) {
+    float *g[RB], *a[RB];
+    split_scratch(scratch, I, g, a);
+    int64_t i, next;
+    while ((i = claim(spans, parts, part, &next)) >= 0)
+        expert_forward(x, order, offsets, list[i], next < 0 ? -1 : list[next], K, gate_up, down, H, I, y, g, a, hsave);
+}
+
+/* the same for the backward (every expert: an untouched one writes its zero gradient) */
+static void experts_bwd_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
+                                span *spans, int64_t parts, int64_t part, int64_t K, const float *w, const float *grad,
+                                const float *gate_up, const float *down, const float *hsave, int64_t H, int64_t I,
+                                float *dx_slots, float *dw, float *d_gate_up, float *d_down, float *scratch) {
+    float *a[RBB], *da[RBB], *dh[RBB];
+    split_scratch_bwd(scratch, I, a, da, dh);
+    int64_t i, next;
+    while ((i = claim(spans, parts, part, &next)) >= 0)
+        expert_backward(x, order, offsets, list[i], K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
+                        d_down, a, da, dh);
+    stream_fence();
+}
+#endif
+
+/* For tests: thread `owner` of each parallel call (-1: none) claims nothing of its own range, so the others
+ * must take all of it over; moe_taken_over: how many experts ran outside their own range since the last
+ * call (0 without OpenMP). */
+void moe_schedule_test(int64_t owner) {
+#if defined(_OPENMP)
+    idle_owner = owner;
+#else
+    (void)owner;
+#endif
+}
+int64_t moe_taken_over(void) {
+    int64_t n = 0;
+#if defined(_OPENMP)
+#pragma omp atomic capture
+    {
+        n = taken_over;
+        taken_over = 0;
+    }
+#endif
+    return n;
+}
+
 /* moe_experts over all E experts on `threads` threads; scratch: threads * scratch_floats floats */
 void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *offsets, int64_t E, int64_t K,
                           const float *gate_up, const float *down, int64_t H, int64_t I, float *y, float *scratch,
                           int64_t scratch_floats, float *hsave, int64_t threads) {
 #if defined(_OPENMP)
+    int64_t list[E];
+    span spans[threads];
 #pragma omp parallel num_threads((int)threads)
     {
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-        int64_t e0, e1;
-        expert_range(offsets, E, 0, 0, part, parts, &e0, &e1);
-        if (e1 > e0) moe_experts(x, order, offsets, e0, e1, K, gate_up, down, H, I, y, scratch + part * scratch_floats, hsave);
+#pragma omp single
+        share_out(offsets, E, 0, 0, parts, list, spans);
+        experts_claimed(x, order, offsets, list, spans, parts, part, K, gate_up, down, H, I, y,
+                        scratch + part * scratch_floats, hsave);
     }
 #else
     (void)threads, (void)scratch_floats;
@@ -946,14 +1080,15 @@ void moe_experts_bwd_parallel(const float *x, const int64_t *order, const int64_
                               const float *hsave, int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up,
                               float *d_down, float *scratch, int64_t scratch_floats, int64_t threads) {
 #if defined(_OPENMP)
+    int64_t list[E];
+    span spans[threads];
 #pragma omp parallel num_threads((int)threads)
     {
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-        int64_t e0, e1;
-        expert_range(offsets, E, EXPERT_ZERO_COST, 0, part, parts, &e0, &e1);
-        if (e1 > e0)
-            moe_experts_bwd(x, order, offsets, e0, e1, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
-                            d_down, scratch + part * scratch_floats);
+#pragma omp single
+        share_out(offsets, E, EXPERT_ZERO_COST, 0, parts, list, spans);
+        experts_bwd_claimed(x, order, offsets, list, spans, parts, part, K, w, grad, gate_up, down, hsave, H, I,
+                            dx_slots, dw, d_gate_up, d_down, scratch + part * scratch_floats);
     }
 #else
     (void)threads, (void)scratch_floats;
@@ -979,8 +1114,8 @@ static void token_range(int64_t T, int64_t part, int64_t parts, int64_t *t0, int
  * without one; both NULL: nothing kept), beside scores [T, E], ids and w [T, K]. logits [T, E] may be scratch.
  * work: at least T * K * H + T * H + threads * RB_MAX * 3 * max(I, Is) floats. Returns what moe_layer returns.
  * With threads > 1 (where built with OpenMP: torch's own threads) each thread routes and runs the shared
- * expert for a range of tokens and the routed experts for a range of experts (about equal cost),
- * then sums its tokens' slots: each value is computed as on one thread, so the same bits. */
+ * expert for a range of tokens, then the routed experts of its range (about equal cost) and what the others
+ * leave (share_out), then sums its tokens' slots: each value is computed as on one thread, so the same bits. */
 int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *router_w, const float *bias, int64_t E,
                         int64_t K, int64_t n_group, int64_t topk_group, int norm, float scale, const float *gate_up,
                         const float *down, int64_t I, const float *sh_gate, const float *sh_up,
@@ -994,11 +1129,12 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
         /* up to RB tokens the first thread routes them all and runs the shared expert: it takes fewer experts
          * (2 threads, bench layer: 0.96x the time at T=4-8, level at T=1-2) */
         const int64_t head = T <= RB ? (sh_gate ? T + EXPERT_READ_COST : 0) + HEAD_ROUTER_COST : 0;
-        int64_t tie = 0;
+        int64_t tie = 0, list[E];
+        span spans[threads];
 #pragma omp parallel num_threads((int)threads)
         {
             const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-            int64_t t0, t1, e0, e1;
+            int64_t t0, t1;
             token_range(T, part, parts, &t0, &t1);
             float *mine = scratch + part * scratch_floats;
             if (t1 > t0) {
@@ -1012,12 +1148,15 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
 #pragma omp barrier
             if (!tie) { /* (the same for every thread: written before the barrier) */
 #pragma omp single
-                moe_sort(ids, T * K, E, offsets, order);
-                expert_range(offsets, E, 0, head, part, parts, &e0, &e1);
-                if (e1 > e0) moe_experts(x, order, offsets, e0, e1, K, gate_up, down, H, I, y, mine, hsave);
+                {
+                    moe_sort(ids, T * K, E, offsets, order);
+                    share_out(offsets, E, 0, head, parts, list, spans);
+                }
+                /* the shared expert first: what a thread leaves of its experts the others then take */
                 if (sh_gate && t1 > t0)
                     mlp_rows(x + t0 * H, t1 - t0, sh_gate, sh_up, sh_down, H, Is, shared + t0 * H, mine,
                              sh_hsave ? sh_hsave + t0 * 2 * Is : NULL);
+                experts_claimed(x, order, offsets, list, spans, parts, part, K, gate_up, down, H, I, y, mine, hsave);
 #pragma omp barrier
                 if (t1 > t0)
                     moe_combine(y + t0 * K * H, w + t0 * K, t1 - t0, K, H, sh_gate ? shared + t0 * H : NULL,
@@ -1125,8 +1264,9 @@ static void router_bwd(const float *x, int64_t T, int64_t H, const float *router
  * Out: dx [T, H] (the three parts summed), d_router [E, H], d_gate_up, d_down (every expert's: zeros
  * for untouched ones), d_sh_* (unused without a shared expert).
  * work: at least T * K * H + T * K + T * H + threads * RBB * 4 * max(I, Is) floats. threads > 1 (where built
- * with OpenMP): the experts in ranges of about equal cost, the shared expert beside the first range, then the
- * router on one thread; each gradient computed as on one thread: the same bits. */
+ * with OpenMP): the shared expert on the first thread, the experts in ranges of about equal cost (the first one
+ * smaller) and what the others leave (share_out), then the router on one thread; each gradient computed as on
+ * one thread: the same bits. */
 void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, int64_t E, int64_t K, int norm,
                    float scale, const float *gate_up, const float *down, int64_t I, const float *sh_gate,
                    const float *sh_up, const float *sh_down, int64_t Is, const float *scores, const int64_t *ids,
@@ -1138,18 +1278,19 @@ void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, 
     if (threads > 1) { /* the first thread takes the shared expert and fewer experts; then one the router */
         const int64_t scratch_floats = RBB * 4 * (I > Is ? I : Is);
         const int64_t head = sh_gate ? T + EXPERT_READ_COST : 0;
+        int64_t list[E];
+        span spans[threads];
 #pragma omp parallel num_threads((int)threads)
         {
             const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-            int64_t e0, e1;
-            expert_range(offsets, E, EXPERT_ZERO_COST, head, part, parts, &e0, &e1);
             float *mine = scratch + part * scratch_floats;
+#pragma omp single
+            share_out(offsets, E, EXPERT_ZERO_COST, head, parts, list, spans);
             if (part == 0 && sh_gate)
                 shared_bwd(x, T, H, sh_gate, sh_up, sh_down, Is, sh_hsave, grad, d_sh_gate, d_sh_up, d_sh_down, dx_sh,
                            mine);
-            if (e1 > e0)
-                moe_experts_bwd(x, order, offsets, e0, e1, K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw,
-                                d_gate_up, d_down, mine);
+            experts_bwd_claimed(x, order, offsets, list, spans, parts, part, K, w, grad, gate_up, down, hsave, H, I,
+                                dx_slots, dw, d_gate_up, d_down, mine);
 #pragma omp barrier
 #pragma omp single
             router_bwd(x, T, H, router_w, E, K, norm, scale, sh_gate != NULL, scores, ids, dx_slots, dw, dx_sh, dx,
