@@ -37,7 +37,8 @@ shares torch's ``libgomp.so.1``, so its parallel calls run on torch's own thread
 over what the others have left (a thread slowed by other work on its core), and the one-call
 layer with each thread routing some tokens, running the shared expert on them and some experts.
 The results are the same bits as on one thread. Elsewhere (or in a forked child, where libgomp's threads
-would hang) a Python pool runs the experts' ranges, and the one-call layer stays on one thread.
+would hang) a Python pool runs the experts the same way (each thread its range, then what is left), and
+the one-call layer stays on one thread.
 """
 
 from __future__ import annotations
@@ -203,6 +204,33 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     # for tests: a thread that claims none of its own experts (the others take them over), and the count
     lib.moe_schedule_test.argtypes, lib.moe_schedule_test.restype = [i64], None
     lib.moe_taken_over.argtypes, lib.moe_taken_over.restype = [], i64
+    # the experts on Python's threads: the list and queue, then each thread's share
+    lib.moe_share_out.argtypes, lib.moe_share_out.restype = [p, i64, i64, i64, p, p], i64
+    lib.moe_experts_claimed.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i64, i64, p, p, p]
+    lib.moe_experts_claimed.restype = None
+    lib.moe_experts_bwd_claimed.argtypes = [
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        p,
+    ]
+    lib.moe_experts_bwd_claimed.restype = None
     # moe_experts' arguments with e0, e1 replaced by E, then scratch_floats and hsave, threads
     lib.moe_experts_parallel.argtypes = [p, p, p, i64, i64, p, p, i64, i64, p, p, i64, p, i64]
     lib.moe_experts_parallel.restype = None
@@ -408,9 +436,12 @@ def _openmp_threads(pairs: int) -> int:
     return threads if threads > 1 else 0
 
 
-def _parallel(work, offsets: Tensor, pairs: int, num_experts: int, backward: bool = False) -> None:
-    """Run ``work(e0, e1)`` over all experts: in torch's thread count of expert ranges of about
-    equal cost (:func:`_chunks`; ctypes releases the GIL, so the C code runs in parallel), or in one call.
+def _parallel(one, claimed, offsets: Tensor, pairs: int, num_experts: int, backward: bool = False) -> None:
+    """Run all experts: ``one(0, E)`` in one call, or on torch's thread count of Python threads
+    (ctypes releases the GIL, so the C code runs in parallel), each ``claimed(lst, queue, parts, part)``:
+    thread ``part`` runs its range of about equal cost (:func:`_chunks`), then takes over what the
+    others have left (``moe_share_out`` fills the expert list and the queue; the same queue as the
+    kernel's OpenMP calls).
 
     Where the kernel shares torch's OpenMP runtime the callers use its parallel calls instead
     (:func:`_openmp_threads`): Python threads then compete with torch's OpenMP workers, which keep
@@ -423,9 +454,14 @@ def _parallel(work, offsets: Tensor, pairs: int, num_experts: int, backward: boo
                 _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="glm4moe")
                 _pool_pid = os.getpid()
             pool = _pool
-        list(pool.map(lambda r: work(*r), _chunks(offsets, threads, backward)))
+        lst = torch.empty(num_experts, dtype=torch.int64)  # the experts with work, in order
+        queue = torch.empty(1 + 2 * threads, dtype=torch.int64)  # a lock, then each thread's [lo, hi) of lst
+        _lib.moe_share_out(
+            offsets.data_ptr(), num_experts, int(backward), threads, lst.data_ptr(), queue.data_ptr()
+        )
+        list(pool.map(lambda part: claimed(lst, queue, threads, part), range(threads)))
     else:
-        work(0, num_experts)
+        one(0, num_experts)
 
 
 def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor, save: bool = False):
@@ -458,6 +494,14 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor, save:
             hsave.data_ptr() if save else None,
         )  # fmt: skip
 
+    def claimed(lst: Tensor, queue: Tensor, parts: int, part: int) -> None:
+        scratch = torch.empty(_ROWS_PER_PASS * 3 * inter, dtype=torch.float32)
+        lib.moe_experts_claimed(
+            x.data_ptr(), order.data_ptr(), offsets.data_ptr(), lst.data_ptr(), queue.data_ptr(), parts, part,
+            top_k, gate_up.data_ptr(), down.data_ptr(), hidden, inter, y.data_ptr(), scratch.data_ptr(),
+            hsave.data_ptr() if save else None,
+        )  # fmt: skip
+
     threads = _openmp_threads(pairs)
     if threads:
         per_thread = _ROWS_PER_PASS * 3 * inter
@@ -468,7 +512,7 @@ def _run(x: Tensor, ids: Tensor, w: Tensor, gate_up: Tensor, down: Tensor, save:
             hsave.data_ptr() if save else None, threads,
         )  # fmt: skip
     else:
-        _parallel(experts, offsets, pairs, num_experts)
+        _parallel(experts, claimed, offsets, pairs, num_experts)
     lib.moe_combine(y.data_ptr(), w.data_ptr(), tokens, top_k, hidden, None, out.data_ptr())
     return (out, (order, offsets, hsave)) if save else out
 
@@ -492,6 +536,15 @@ def _run_backward(grad_out, x, ids, w, gate_up, down, order, offsets, hsave):
             dx_slots.data_ptr(), dw.data_ptr(), d_gate_up.data_ptr(), d_down.data_ptr(), scratch.data_ptr(),
         )  # fmt: skip
 
+    def claimed(lst: Tensor, queue: Tensor, parts: int, part: int) -> None:
+        scratch = torch.empty(_ROWS_PER_PASS * 4 * inter, dtype=torch.float32)
+        _lib.moe_experts_bwd_claimed(
+            x.data_ptr(), order.data_ptr(), offsets.data_ptr(), lst.data_ptr(), queue.data_ptr(), parts, part,
+            top_k, w.data_ptr(), grad_out.data_ptr(), gate_up.data_ptr(), down.data_ptr(), hsave.data_ptr(),
+            hidden, inter, dx_slots.data_ptr(), dw.data_ptr(), d_gate_up.data_ptr(), d_down.data_ptr(),
+            scratch.data_ptr(),
+        )  # fmt: skip
+
     threads = _openmp_threads(pairs)
     if threads:
         per_thread = _ROWS_PER_PASS * 4 * inter
@@ -503,7 +556,7 @@ def _run_backward(grad_out, x, ids, w, gate_up, down, order, offsets, hsave):
             per_thread, threads,
         )  # fmt: skip
     else:
-        _parallel(experts, offsets, pairs, num_experts, backward=True)
+        _parallel(experts, claimed, offsets, pairs, num_experts, backward=True)
     return dx_slots.view(tokens, top_k, hidden).sum(dim=1), dw, d_gate_up, d_down
 
 

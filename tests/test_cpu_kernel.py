@@ -118,7 +118,7 @@ def _threads_used(openmp: bool):
     the other route raises, so a test that passes took the one it names."""
 
     def no_pool(*args, **kwargs):
-        if cpu_kernel._threads(args[2]) > 1:
+        if cpu_kernel._threads(args[3]) > 1:  # (one, claimed, offsets, pairs, ...)
             raise AssertionError("the Python pool ran where the OpenMP call should have")
         return parallel(*args, **kwargs)
 
@@ -148,12 +148,12 @@ def test_same_result_with_any_thread_count(openmp):
 
 
 @needs_kernel
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "pool"])
 @pytest.mark.parametrize("owner", [0, 2])
-def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner):
-    """The experts' forward and backward on three OpenMP threads, one of which claims none of its own
-    range: the others run those experts, and the output and every gradient keep the bits of one thread."""
-    if not cpu_kernel._openmp:
-        pytest.skip("the kernel does not share torch's OpenMP runtime here")
+def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner, openmp):
+    """The experts' forward and backward on three threads (torch's OpenMP ones, or Python's pool), one
+    of which claims none of its own range: the others run those experts, and the output and every
+    gradient keep the bits of one thread."""
     lib, threads = cpu_kernel._lib, torch.get_num_threads()
 
     def run():
@@ -168,7 +168,7 @@ def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner):
         torch.set_num_threads(3)
         lib.moe_taken_over()  # (from zero)
         lib.moe_schedule_test(owner)
-        with _threads_used(openmp=True):
+        with _threads_used(openmp):
             three = run()
         moved = lib.moe_taken_over()
     finally:

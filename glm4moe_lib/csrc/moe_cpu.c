@@ -944,7 +944,6 @@ void moe_expert_range(const int64_t *offsets, int64_t E, int64_t backward, int64
     expert_range(offsets, E, backward ? EXPERT_ZERO_COST : 0, 0, part, parts, bounds, bounds + 1);
 }
 
-#if defined(_OPENMP)
 /* Sharing the experts out among the threads: each thread starts on its own range of about equal cost
  * (expert_range), in address order, then takes what the others have left, from the back of the range
  * with the most left. Without other work on the machine the ranges finish together and nothing moves;
@@ -953,26 +952,38 @@ void moe_expert_range(const int64_t *offsets, int64_t E, int64_t backward, int64
  * a busy loop on the second core the forward 0.72-0.76x the time at T=16-256 and forward+backward
  * 0.77-0.92x (T=1-8 swing both ways from run to run: a time slice of the busy loop decides them); on an
  * idle machine level (within 1%) for balanced routing and 0.94-0.97x forward, 0.84-0.95x forward+backward
- * for skewed T=16-64. Which thread runs an expert changes nothing in its result: the same bits. */
-typedef struct {
-    int64_t lo, hi; /* the items [lo, hi) of the list not yet claimed */
-} span;
+ * for skewed T=16-64. Which thread runs an expert changes nothing in its result: the same bits.
+ * The same queue serves torch's OpenMP threads (below) and cpu_kernel._parallel's Python threads
+ * (moe_share_out, moe_experts_claimed, moe_experts_bwd_claimed): a queue is QUEUE_WORDS(parts) int64s,
+ * a lock word, then each thread's [lo, hi) of the list still unclaimed. */
+#define QUEUE_WORDS(parts) (1 + 2 * (parts))
 
 static int64_t idle_owner = -1; /* tests (moe_schedule_test): this thread claims nothing of its own range */
 static int64_t taken_over = 0;  /* tests (moe_taken_over): experts run by a thread outside its own range */
 
-/* list: the experts with work (those with a pair, or with idle_cost all E), in order; spans[part]: each
- * thread's range of it, as expert_range splits the experts. Returns the list's length. */
+static inline void queue_lock(int64_t *lock) { /* a spin lock: held for a few dozen instructions */
+    while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(lock, __ATOMIC_RELAXED)) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+}
+static inline void queue_unlock(int64_t *lock) { __atomic_store_n(lock, 0, __ATOMIC_RELEASE); }
+
+/* list: the experts with work (those with a pair, or with idle_cost all E), in order; queue: each thread's
+ * range of it, as expert_range splits the experts. Returns the list's length. */
 static int64_t share_out(const int64_t *offsets, int64_t E, int64_t idle_cost, int64_t head_cost, int64_t parts,
-                         int64_t *list, span *spans) {
+                         int64_t *list, int64_t *queue) {
     int64_t n = 0;
+    queue[0] = 0; /* unlocked */
     for (int64_t part = 0; part < parts; part++) {
         int64_t e0, e1;
         expert_range(offsets, E, idle_cost, head_cost, part, parts, &e0, &e1);
-        spans[part].lo = n;
+        queue[1 + 2 * part] = n;
         for (int64_t e = e0; e < e1; e++)
             if (idle_cost || offsets[e + 1] > offsets[e]) list[n++] = e;
-        spans[part].hi = n;
+        queue[2 + 2 * part] = n;
     }
     return n;
 }
@@ -980,78 +991,81 @@ static int64_t share_out(const int64_t *offsets, int64_t E, int64_t idle_cost, i
 /* The next list item for thread `part` (-1: none left): the first left of its own range, else the last
  * left of the range with the most left. *next: the item after it in its own range (-1: none, or taken
  * from another range), to read ahead. */
-static int64_t claim(span *spans, int64_t parts, int64_t part, int64_t *next) {
-    int64_t i = -1, from = -1;
+static int64_t claim(int64_t *queue, int64_t parts, int64_t part, int64_t *next) {
+    int64_t i = -1, from = -1, *lo = queue + 1, *hi = queue + 2; /* lo[2 * q], hi[2 * q]: thread q's range */
     *next = -1;
-#pragma omp critical(moe_claim)
-    {
-        if (part != idle_owner && spans[part].lo < spans[part].hi) {
-            i = spans[part].lo++;
-            if (spans[part].lo < spans[part].hi) *next = spans[part].lo;
-        } else {
-            int64_t most = 0;
-            for (int64_t q = 0; q < parts; q++)
-                if (spans[q].hi - spans[q].lo > most) {
-                    most = spans[q].hi - spans[q].lo;
-                    from = q;
-                }
-            if (from >= 0) i = --spans[from].hi;
-        }
+    queue_lock(queue);
+    if (part != __atomic_load_n(&idle_owner, __ATOMIC_RELAXED) && lo[2 * part] < hi[2 * part]) {
+        i = lo[2 * part]++;
+        if (lo[2 * part] < hi[2 * part]) *next = lo[2 * part];
+    } else {
+        int64_t most = 0;
+        for (int64_t q = 0; q < parts; q++)
+            if (hi[2 * q] - lo[2 * q] > most) {
+                most = hi[2 * q] - lo[2 * q];
+                from = q;
+            }
+        if (from >= 0) i = --hi[2 * from];
     }
-    if (from >= 0) {
-#pragma omp atomic
-        taken_over++;
-    }
+    queue_unlock(queue);
+    if (from >= 0) __atomic_fetch_add(&taken_over, 1, __ATOMIC_RELAXED);
     return i;
 }
 
-/* thread `part`'s share of the routed experts' forward (list and spans: share_out's) */
+/* thread `part`'s share of the routed experts' forward (list and queue: share_out's);
+ * scratch: RB_MAX * 3 * I floats, as moe_experts */
 static void experts_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
-                            span *spans, int64_t parts, int64_t part, int64_t K, const float *gate_up,
+                            int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *gate_up,
                             const float *down, int64_t H, int64_t I, float *y, float *scratch, float *hsave) {
     float *g[RB], *a[RB];
     split_scratch(scratch, I, g, a);
     int64_t i, next;
-    while ((i = claim(spans, parts, part, &next)) >= 0)
+    while ((i = claim(queue, parts, part, &next)) >= 0)
         expert_forward(x, order, offsets, list[i], next < 0 ? -1 : list[next], K, gate_up, down, H, I, y, g, a, hsave);
 }
 
-/* the same for the backward (every expert: an untouched one writes its zero gradient) */
+/* the same for the backward (every expert: an untouched one writes its zero gradient); scratch as
+ * moe_experts_bwd */
 static void experts_bwd_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
-                                span *spans, int64_t parts, int64_t part, int64_t K, const float *w, const float *grad,
-                                const float *gate_up, const float *down, const float *hsave, int64_t H, int64_t I,
-                                float *dx_slots, float *dw, float *d_gate_up, float *d_down, float *scratch) {
+                                int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *w,
+                                const float *grad, const float *gate_up, const float *down, const float *hsave,
+                                int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up, float *d_down,
+                                float *scratch) {
     float *a[RBB], *da[RBB], *dh[RBB];
     split_scratch_bwd(scratch, I, a, da, dh);
     int64_t i, next;
-    while ((i = claim(spans, parts, part, &next)) >= 0)
+    while ((i = claim(queue, parts, part, &next)) >= 0)
         expert_backward(x, order, offsets, list[i], K, w, grad, gate_up, down, hsave, H, I, dx_slots, dw, d_gate_up,
                         d_down, a, da, dh);
     stream_fence();
 }
-#endif
+
+/* For Python's threads (cpu_kernel._parallel): the list [E] and queue [QUEUE_WORDS(parts)] of `parts`
+ * threads, the backward's (every expert) if `backward`; returns the list's length. Then each thread
+ * calls moe_experts_claimed or moe_experts_bwd_claimed with its `part`. */
+int64_t moe_share_out(const int64_t *offsets, int64_t E, int64_t backward, int64_t parts, int64_t *list,
+                      int64_t *queue) {
+    return share_out(offsets, E, backward ? EXPERT_ZERO_COST : 0, 0, parts, list, queue);
+}
+void moe_experts_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
+                         int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *gate_up,
+                         const float *down, int64_t H, int64_t I, float *y, float *scratch, float *hsave) {
+    experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y, scratch, hsave);
+}
+void moe_experts_bwd_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
+                             int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *w,
+                             const float *grad, const float *gate_up, const float *down, const float *hsave,
+                             int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up, float *d_down,
+                             float *scratch) {
+    experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H, I,
+                        dx_slots, dw, d_gate_up, d_down, scratch);
+}
 
 /* For tests: thread `owner` of each parallel call (-1: none) claims nothing of its own range, so the others
  * must take all of it over; moe_taken_over: how many experts ran outside their own range since the last
- * call (0 without OpenMP). */
-void moe_schedule_test(int64_t owner) {
-#if defined(_OPENMP)
-    idle_owner = owner;
-#else
-    (void)owner;
-#endif
-}
-int64_t moe_taken_over(void) {
-    int64_t n = 0;
-#if defined(_OPENMP)
-#pragma omp atomic capture
-    {
-        n = taken_over;
-        taken_over = 0;
-    }
-#endif
-    return n;
-}
+ * call. */
+void moe_schedule_test(int64_t owner) { __atomic_store_n(&idle_owner, owner, __ATOMIC_RELAXED); }
+int64_t moe_taken_over(void) { return __atomic_exchange_n(&taken_over, 0, __ATOMIC_RELAXED); }
 
 /* moe_experts over all E experts on `threads` threads; scratch: threads * scratch_floats floats */
 void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *offsets, int64_t E, int64_t K,
@@ -1059,13 +1073,13 @@ void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *o
                           int64_t scratch_floats, float *hsave, int64_t threads) {
 #if defined(_OPENMP)
     int64_t list[E];
-    span spans[threads];
+    int64_t queue[QUEUE_WORDS(threads)];
 #pragma omp parallel num_threads((int)threads)
     {
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
 #pragma omp single
-        share_out(offsets, E, 0, 0, parts, list, spans);
-        experts_claimed(x, order, offsets, list, spans, parts, part, K, gate_up, down, H, I, y,
+        share_out(offsets, E, 0, 0, parts, list, queue);
+        experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y,
                         scratch + part * scratch_floats, hsave);
     }
 #else
@@ -1081,13 +1095,13 @@ void moe_experts_bwd_parallel(const float *x, const int64_t *order, const int64_
                               float *d_down, float *scratch, int64_t scratch_floats, int64_t threads) {
 #if defined(_OPENMP)
     int64_t list[E];
-    span spans[threads];
+    int64_t queue[QUEUE_WORDS(threads)];
 #pragma omp parallel num_threads((int)threads)
     {
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
 #pragma omp single
-        share_out(offsets, E, EXPERT_ZERO_COST, 0, parts, list, spans);
-        experts_bwd_claimed(x, order, offsets, list, spans, parts, part, K, w, grad, gate_up, down, hsave, H, I,
+        share_out(offsets, E, EXPERT_ZERO_COST, 0, parts, list, queue);
+        experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H, I,
                             dx_slots, dw, d_gate_up, d_down, scratch + part * scratch_floats);
     }
 #else
@@ -1130,7 +1144,7 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
          * (2 threads, bench layer: 0.96x the time at T=4-8, level at T=1-2) */
         const int64_t head = T <= RB ? (sh_gate ? T + EXPERT_READ_COST : 0) + HEAD_ROUTER_COST : 0;
         int64_t tie = 0, list[E];
-        span spans[threads];
+        int64_t queue[QUEUE_WORDS(threads)];
 #pragma omp parallel num_threads((int)threads)
         {
             const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
@@ -1150,13 +1164,13 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
 #pragma omp single
                 {
                     moe_sort(ids, T * K, E, offsets, order);
-                    share_out(offsets, E, 0, head, parts, list, spans);
+                    share_out(offsets, E, 0, head, parts, list, queue);
                 }
                 /* the shared expert first: what a thread leaves of its experts the others then take */
                 if (sh_gate && t1 > t0)
                     mlp_rows(x + t0 * H, t1 - t0, sh_gate, sh_up, sh_down, H, Is, shared + t0 * H, mine,
                              sh_hsave ? sh_hsave + t0 * 2 * Is : NULL);
-                experts_claimed(x, order, offsets, list, spans, parts, part, K, gate_up, down, H, I, y, mine, hsave);
+                experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y, mine, hsave);
 #pragma omp barrier
                 if (t1 > t0)
                     moe_combine(y + t0 * K * H, w + t0 * K, t1 - t0, K, H, sh_gate ? shared + t0 * H : NULL,
@@ -1279,17 +1293,17 @@ void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, 
         const int64_t scratch_floats = RBB * 4 * (I > Is ? I : Is);
         const int64_t head = sh_gate ? T + EXPERT_READ_COST : 0;
         int64_t list[E];
-        span spans[threads];
+        int64_t queue[QUEUE_WORDS(threads)];
 #pragma omp parallel num_threads((int)threads)
         {
             const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
             float *mine = scratch + part * scratch_floats;
 #pragma omp single
-            share_out(offsets, E, EXPERT_ZERO_COST, head, parts, list, spans);
+            share_out(offsets, E, EXPERT_ZERO_COST, head, parts, list, queue);
             if (part == 0 && sh_gate)
                 shared_bwd(x, T, H, sh_gate, sh_up, sh_down, Is, sh_hsave, grad, d_sh_gate, d_sh_up, d_sh_down, dx_sh,
                            mine);
-            experts_bwd_claimed(x, order, offsets, list, spans, parts, part, K, w, grad, gate_up, down, hsave, H, I,
+            experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H, I,
                                 dx_slots, dw, d_gate_up, d_down, mine);
 #pragma omp barrier
 #pragma omp single
