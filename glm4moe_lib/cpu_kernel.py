@@ -208,28 +208,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_share_out.argtypes, lib.moe_share_out.restype = [p, i64, i64, i64, p, p], i64
     lib.moe_experts_claimed.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i64, i64, p, p, p]
     lib.moe_experts_claimed.restype = None
-    lib.moe_experts_bwd_claimed.argtypes = [
-        p,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        i64,
-        p,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        p,
-        p,
-        p,
-        p,
-        p,
-    ]
+    lib.moe_experts_bwd_claimed.argtypes = [p] * 5 + [i64] * 3 + [p] * 5 + [i64] * 2 + [p] * 5
     lib.moe_experts_bwd_claimed.restype = None
     # moe_experts' arguments with e0, e1 replaced by E, then scratch_floats and hsave, threads
     lib.moe_experts_parallel.argtypes = [p, p, p, i64, i64, p, p, i64, i64, p, p, i64, p, i64]
@@ -437,7 +416,7 @@ def _openmp_threads(pairs: int) -> int:
 
 
 def _parallel(one, claimed, offsets: Tensor, pairs: int, num_experts: int, backward: bool = False) -> None:
-    """Run all experts: ``one(0, E)`` in one call, or on torch's thread count of Python threads
+    """Run all experts: ``one(0, E)`` in one call (no queue to fill: 4 µs of a 100 µs call at T=1), or on torch's thread count of Python threads
     (ctypes releases the GIL, so the C code runs in parallel), each ``claimed(lst, queue, parts, part)``:
     thread ``part`` runs its range of about equal cost (:func:`_chunks`), then takes over what the
     others have left (``moe_share_out`` fills the expert list and the queue; the same queue as the

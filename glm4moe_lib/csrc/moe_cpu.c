@@ -1014,9 +1014,9 @@ static int64_t claim(int64_t *queue, int64_t parts, int64_t part, int64_t *next)
 
 /* thread `part`'s share of the routed experts' forward (list and queue: share_out's);
  * scratch: RB_MAX * 3 * I floats, as moe_experts */
-static void experts_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
-                            int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *gate_up,
-                            const float *down, int64_t H, int64_t I, float *y, float *scratch, float *hsave) {
+void moe_experts_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
+                         int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *gate_up,
+                         const float *down, int64_t H, int64_t I, float *y, float *scratch, float *hsave) {
     float *g[RB], *a[RB];
     split_scratch(scratch, I, g, a);
     int64_t i, next;
@@ -1026,11 +1026,11 @@ static void experts_claimed(const float *x, const int64_t *order, const int64_t 
 
 /* the same for the backward (every expert: an untouched one writes its zero gradient); scratch as
  * moe_experts_bwd */
-static void experts_bwd_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
-                                int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *w,
-                                const float *grad, const float *gate_up, const float *down, const float *hsave,
-                                int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up, float *d_down,
-                                float *scratch) {
+void moe_experts_bwd_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
+                             int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *w,
+                             const float *grad, const float *gate_up, const float *down, const float *hsave,
+                             int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up, float *d_down,
+                             float *scratch) {
     float *a[RBB], *da[RBB], *dh[RBB];
     split_scratch_bwd(scratch, I, a, da, dh);
     int64_t i, next;
@@ -1042,23 +1042,10 @@ static void experts_bwd_claimed(const float *x, const int64_t *order, const int6
 
 /* For Python's threads (cpu_kernel._parallel): the list [E] and queue [QUEUE_WORDS(parts)] of `parts`
  * threads, the backward's (every expert) if `backward`; returns the list's length. Then each thread
- * calls moe_experts_claimed or moe_experts_bwd_claimed with its `part`. */
+ * calls moe_experts_claimed or moe_experts_bwd_claimed (above) with its `part`. */
 int64_t moe_share_out(const int64_t *offsets, int64_t E, int64_t backward, int64_t parts, int64_t *list,
                       int64_t *queue) {
     return share_out(offsets, E, backward ? EXPERT_ZERO_COST : 0, 0, parts, list, queue);
-}
-void moe_experts_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
-                         int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *gate_up,
-                         const float *down, int64_t H, int64_t I, float *y, float *scratch, float *hsave) {
-    experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y, scratch, hsave);
-}
-void moe_experts_bwd_claimed(const float *x, const int64_t *order, const int64_t *offsets, const int64_t *list,
-                             int64_t *queue, int64_t parts, int64_t part, int64_t K, const float *w,
-                             const float *grad, const float *gate_up, const float *down, const float *hsave,
-                             int64_t H, int64_t I, float *dx_slots, float *dw, float *d_gate_up, float *d_down,
-                             float *scratch) {
-    experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H, I,
-                        dx_slots, dw, d_gate_up, d_down, scratch);
 }
 
 /* For tests: thread `owner` of each parallel call (-1: none) claims nothing of its own range, so the others
@@ -1079,8 +1066,8 @@ void moe_experts_parallel(const float *x, const int64_t *order, const int64_t *o
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
 #pragma omp single
         share_out(offsets, E, 0, 0, parts, list, queue);
-        experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y,
-                        scratch + part * scratch_floats, hsave);
+        moe_experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y,
+                            scratch + part * scratch_floats, hsave);
     }
 #else
     (void)threads, (void)scratch_floats;
@@ -1101,8 +1088,8 @@ void moe_experts_bwd_parallel(const float *x, const int64_t *order, const int64_
         const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
 #pragma omp single
         share_out(offsets, E, EXPERT_ZERO_COST, 0, parts, list, queue);
-        experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H, I,
-                            dx_slots, dw, d_gate_up, d_down, scratch + part * scratch_floats);
+        moe_experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H,
+                                I, dx_slots, dw, d_gate_up, d_down, scratch + part * scratch_floats);
     }
 #else
     (void)threads, (void)scratch_floats;
@@ -1170,7 +1157,8 @@ int64_t moe_layer_train(const float *x, int64_t T, int64_t H, const float *route
                 if (sh_gate && t1 > t0)
                     mlp_rows(x + t0 * H, t1 - t0, sh_gate, sh_up, sh_down, H, Is, shared + t0 * H, mine,
                              sh_hsave ? sh_hsave + t0 * 2 * Is : NULL);
-                experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y, mine, hsave);
+                moe_experts_claimed(x, order, offsets, list, queue, parts, part, K, gate_up, down, H, I, y, mine,
+                                    hsave);
 #pragma omp barrier
                 if (t1 > t0)
                     moe_combine(y + t0 * K * H, w + t0 * K, t1 - t0, K, H, sh_gate ? shared + t0 * H : NULL,
@@ -1303,8 +1291,8 @@ void moe_layer_bwd(const float *x, int64_t T, int64_t H, const float *router_w, 
             if (part == 0 && sh_gate)
                 shared_bwd(x, T, H, sh_gate, sh_up, sh_down, Is, sh_hsave, grad, d_sh_gate, d_sh_up, d_sh_down, dx_sh,
                            mine);
-            experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave, H, I,
-                                dx_slots, dw, d_gate_up, d_down, mine);
+            moe_experts_bwd_claimed(x, order, offsets, list, queue, parts, part, K, w, grad, gate_up, down, hsave,
+                                    H, I, dx_slots, dw, d_gate_up, d_down, mine);
 #pragma omp barrier
 #pragma omp single
             router_bwd(x, T, H, router_w, E, K, norm, scale, sh_gate != NULL, scores, ids, dx_slots, dw, dx_sh, dx,
