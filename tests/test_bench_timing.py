@@ -1,0 +1,98 @@
+"""bench.time_interleaved: who gets a warm-up call, how many calls and samples, what it reports.
+
+A fake clock that only moves when a step runs makes every timing exact: each step "costs" a
+fixed number of seconds, and the log of calls shows what ran before each timed sample.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm4moe_lib import bench
+
+CPU = torch.device("cpu")
+
+
+class FakeClock:
+    """Time that advances by a step's cost when that step runs; a log of the steps called."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.log: list[str] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def step(self, name: str, cost: float):
+        def run() -> None:
+            self.log.append(name)
+            self.t += cost
+
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setitem(bench.CLOCKS, "wall", fake)
+    return fake
+
+
+def test_fast_steps_of_one_call_per_sample_start_warm_too(clock):
+    # "limit" fits 4 calls in a sample, "lib" (a 30 ms backward, say) one: both must follow a call of
+    # themselves. Before the fix only steps of several calls per sample got their warm-up.
+    steps = {"limit": clock.step("limit", 0.003), "lib": clock.step("lib", 0.030)}
+    result = bench.time_interleaved(steps, CPU, repeats=4, min_sample_s=0.01)
+    assert result["limit"]["calls_per_sample"] == 4 and result["lib"]["calls_per_sample"] == 1
+    assert clock.log[:4] == ["limit", "limit", "lib", "lib"]  # calibration
+    # every round, each step: one untimed call, then its timed ones (the first step rotates)
+    expected = []
+    for order in (["limit", "lib"], ["lib", "limit"]) * 2:
+        for name in order:
+            expected += [name] * (1 + result[name]["calls_per_sample"])
+    assert clock.log[4:] == expected
+    assert result["lib"]["min_s"] == pytest.approx(0.030) and result["limit"]["min_s"] == pytest.approx(0.003)
+
+
+def test_slow_steps_skip_the_warm_up_and_stop_after_a_few_samples(clock):
+    slow_cost = bench.SLOW_CALL_S * 2
+    steps = {"fast": clock.step("fast", 0.02), "slow": clock.step("slow", slow_cost)}
+    result = bench.time_interleaved(steps, CPU, repeats=bench.SLOW_SAMPLES + 3, min_sample_s=0.01)
+    # the slow step: two calibration calls (the second is its first sample), then one call per sample
+    assert clock.log.count("slow") == 1 + bench.SLOW_SAMPLES
+    assert result["slow"]["calls_per_sample"] == 1
+    assert result["slow"]["min_s"] == pytest.approx(slow_cost)
+    # the fast one: a warm-up and a timed call in every round
+    assert clock.log.count("fast") == 2 + 2 * (bench.SLOW_SAMPLES + 3)
+    i = 4
+    while i < len(clock.log):
+        if clock.log[i] == "fast":
+            assert clock.log[i + 1] == "fast", clock.log  # the timed call follows its warm-up
+            i += 2
+        else:
+            assert clock.log[i] == "slow"
+            i += 1
+
+
+def test_the_min_and_median_are_per_call_and_the_warm_up_is_not_counted(clock):
+    costs = iter(
+        [0.004, 0.004]  # calibration: 4 ms a call -> 2 calls per 8 ms sample
+        + [0.004, 0.004, 0.004]  # round 1: warm-up, then a sample of 4 ms a call
+        + [0.009, 0.002, 0.002]  # round 2: a slow warm-up (not timed), 2 ms a call
+        + [0.004, 0.003, 0.003]  # round 3: 3 ms a call
+    )
+
+    def step() -> None:
+        clock.t += next(costs)
+
+    result = bench.time_interleaved({"s": step}, CPU, repeats=3, min_sample_s=0.008)
+    assert result["s"]["calls_per_sample"] == 2
+    assert result["s"]["min_s"] == pytest.approx(0.002)
+    assert result["s"]["median_s"] == pytest.approx(0.003)
+    assert next(costs, None) is None  # every call accounted for: 2 + 3 rounds of 3
+
+
+def test_a_bad_clock_is_refused():
+    with pytest.raises(ValueError, match=r"clock='gpu' is not allowed: use one of \['cpu', 'wall'\]"):
+        bench.time_interleaved({"s": lambda: None}, CPU, repeats=1, min_sample_s=0.01, clock="gpu")
