@@ -1,4 +1,5 @@
-"""bench.time_interleaved: who gets a warm-up call, how many calls and samples, what it reports.
+"""bench.time_interleaved (who gets a warm-up call, how many calls and samples, what it reports)
+and what the limit's read step reads.
 
 A fake clock that only moves when a step runs makes every timing exact: each step "costs" a
 fixed number of seconds, and the log of calls shows what ran before each timed sample.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm4moe_lib import bench
+from glm4moe_lib.config import PRESETS
+from glm4moe_lib.moe import MoE
 
 CPU = torch.device("cpu")
 
@@ -96,3 +100,77 @@ def test_the_min_and_median_are_per_call_and_the_warm_up_is_not_counted(clock):
 def test_a_bad_clock_is_refused():
     with pytest.raises(ValueError, match=r"clock='gpu' is not allowed: use one of \['cpu', 'wall'\]"):
         bench.time_interleaved({"s": lambda: None}, CPU, repeats=1, min_sample_s=0.01, clock="gpu")
+
+
+# ---- the limit's read: the library layer's own weights ------------------------------------------
+
+
+class _Reads(TorchDispatchMode):
+    """The (data_ptr, numel) of every tensor argument the ops under it read; what copy_ writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[tuple[int, int]] = []
+        self.written: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten.copy_.default:
+            self.written.append((tensors[0].data_ptr(), tensors[0].numel()))
+            tensors = tensors[1:]
+        self.read += [(t.data_ptr(), t.numel()) for t in tensors]
+        return func(*args, **(kwargs or {}))
+
+
+def _inside(ptr: int, numel: int, t: torch.Tensor) -> bool:
+    return t.data_ptr() <= ptr and ptr + 4 * numel <= t.data_ptr() + 4 * t.numel()
+
+
+def test_layer_weights_are_every_parameter_once_the_experts_first():
+    layer = MoE(PRESETS["tiny"])
+    weights = bench.layer_weights(layer)
+    assert weights[0] is layer.experts.gate_up_proj and weights[1] is layer.experts.down_proj
+    assert sorted(map(id, weights)) == sorted(map(id, layer.parameters()))
+
+
+@pytest.mark.parametrize("touched", [1, 3, PRESETS["tiny"].n_routed_experts])
+@pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
+def test_the_limit_reads_the_layers_own_weights(touched, mode):
+    config = PRESETS["tiny"]
+    layer = MoE(config)
+    weights = bench.layer_weights(layer)
+    _, bytes_step, _, nbytes = bench.limit_steps(config, 4, touched, mode, "cpu", torch.float32, weights)
+    with _Reads() as reads:
+        bytes_step()
+    count = bench.layer_bytes(config, touched, 1)
+    assert sum(n for _, n in reads.read) == count  # exactly the touched weights' elements
+    assert nbytes == bench.layer_bytes(config, touched, 4, backward=mode != "forward")
+    # every read lies in the layer's weights, the experts' gate_up_proj first
+    assert all(any(_inside(p, n, w) for w in weights) for p, n in reads.read), reads.read
+    assert reads.read[0][0] == layer.experts.gate_up_proj.data_ptr()
+    if touched == config.n_routed_experts:  # more than the experts hold: the router and shared expert too
+        assert len(reads.read) > 2
+    if mode == "forward":
+        assert reads.written == []
+    else:  # the gradients: fresh memory, as many elements, none of it the weights'
+        assert sum(n for _, n in reads.written) == count
+        assert not any(any(_inside(p, n, w) for w in weights) for p, n in reads.written)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [],  # none given: a fresh buffer
+        [torch.zeros(10)],  # fewer elements than the touched weights hold
+        [torch.zeros(10**6, dtype=torch.float64)],  # another dtype
+        [torch.zeros(2000, 1000).t()],  # not contiguous
+    ],
+    ids=["none", "too-few", "float64", "strided"],
+)
+def test_the_limit_reads_a_fresh_buffer_when_the_weights_do_not_fit(weights):
+    config = PRESETS["tiny"]
+    _, bytes_step, _, _ = bench.limit_steps(config, 4, 3, "forward", "cpu", torch.float32, weights)
+    with _Reads() as reads:
+        bytes_step()
+    assert sum(n for _, n in reads.read) == bench.layer_bytes(config, 3, 1)
+    assert not any(any(_inside(p, n, w) for w in weights) for p, n in reads.read)
