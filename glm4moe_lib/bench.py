@@ -15,7 +15,8 @@ ratio to the limit. The contenders:
 * the limit: the larger of (a) the layer's active FLOPs run as plain dense GEMMs of the same total
   sizes (router, shared expert, and the routed experts as one [T·K, H] GEMM each way) and (b)
   reading the weights of every touched expert once (router + shared expert + each routed expert
-  that got a token), as many bytes of the library layer's own weights. For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
+  that got a token), timed as a plain read of that many bytes two ways, the faster counting: a
+  fresh buffer, and the library layer's own weights (see :func:`layer_read_step`). For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
   also writes each touched weight's gradient once.
 
 The ``decode`` mode is the forward of one token (a decoding step) with its weights coming from
@@ -221,17 +222,40 @@ def _first_elements(tensors: Sequence[Tensor], count: int, device, dtype) -> lis
     return views if left == 0 else None
 
 
-def limit_steps(
-    config: MoEConfig, tokens: int, touched: int, mode: str, device, dtype, weights: Sequence[Tensor] = ()
-):
-    """Two callables: (a) the active FLOPs as dense GEMMs, (b) the touched weights' bytes.
+def _read_step(src: list[Tensor], backward: bool) -> Callable[[], None]:
+    """Read ``src`` once; with ``backward`` also write as many elements (the gradients) to fresh memory."""
+    dst = [torch.empty_like(v) for v in src] if backward else None
 
-    (b) reads as many elements of ``weights`` (:func:`layer_weights` of the library's layer: the
-    memory its calls read) as the layer's touched weights hold, the first experts' first (one op
-    at T=1, two at T=16-64 here); without them, a fresh buffer. On this VM where a buffer lands
-    decides how fast it reads: the bench layer's 100 MB of expert weights read in 3.7 ms in one
-    process where a fresh buffer of that size took 3.1 ms, and in 3.6-3.8 ms in another where
-    the fresh one took 4.2-4.7 ms. Reading the layer's own memory keeps that luck out of the ratio.
+    def step() -> None:
+        if dst is None:
+            for v in src:
+                v.sum()  # read once
+        else:
+            for d, v in zip(dst, src):
+                d.copy_(v)  # read the weights once, write their gradients once
+
+    return step
+
+
+def layer_read_step(
+    config: MoEConfig, touched: int, mode: str, weights: Sequence[Tensor], device, dtype
+) -> Callable[[], None] | None:
+    """:func:`limit_steps`' read, of the layer's own memory: as many elements of ``weights``
+    (:func:`layer_weights`) as the touched weights hold, the first experts' first (one op at T=1,
+    two at T=16-64 here). None if ``weights`` hold fewer, or are not contiguous ``dtype`` on ``device``.
+
+    Why a second read: on this VM where a buffer lands decides how fast it reads. The bench layer's
+    100 MB of expert weights read in 3.7 ms in one process where a fresh buffer of that size took
+    3.1 ms, and in 3.6-3.8 ms in another where the fresh one took 4.2-4.7 ms. The limit takes the
+    faster of the two, so neither buffer's luck makes it easier to reach.
+    """
+    src = _first_elements(weights, layer_bytes(config, touched, elem_size=1), device, dtype)
+    return None if src is None else _read_step(src, backward=mode != "forward")
+
+
+def limit_steps(config: MoEConfig, tokens: int, touched: int, mode: str, device, dtype):
+    """Two callables: (a) the active FLOPs as dense GEMMs, (b) the touched weights' bytes, read
+    from a fresh buffer (:func:`layer_read_step` reads the layer's own memory).
 
     Returns ``(flops_step, bytes_step, flops, nbytes)``.
     """
@@ -267,19 +291,8 @@ def limit_steps(
             torch.mm(a, b, out=out)
 
     nbytes = layer_bytes(config, touched, _elem(dtype), backward=mode != "forward")
-    count = layer_bytes(config, touched, elem_size=1)  # elements: one per weight
-    src = _first_elements(weights, count, device, dtype) or [rand(count)]  # the weights
-    dst = [torch.empty_like(v) for v in src] if mode != "forward" else None  # their gradients
-
-    def bytes_step() -> None:
-        if dst is None:
-            for v in src:
-                v.sum()  # read once
-        else:
-            for d, v in zip(dst, src):
-                d.copy_(v)  # read the weights once, write their gradients once
-
-    return flops_step, bytes_step, flops, nbytes
+    src = rand(layer_bytes(config, touched, elem_size=1))  # the weights (one element per weight)
+    return flops_step, _read_step([src], backward=mode != "forward"), flops, nbytes
 
 
 def _dense_grads_step(layer: torch.nn.Module) -> Callable[[], None]:
@@ -691,18 +704,22 @@ def run(
                                 skipped[name] = str(exc).splitlines()[0][:200]
                 limit_mode = "forward" if mode == "decode" else mode
                 flops_step, bytes_step, flops, nbytes = limit_steps(
-                    config, t, touched, limit_mode, device, dtype, layer_weights(lib)
+                    config, t, touched, limit_mode, device, dtype
                 )
                 if mode == "decode" and peaks is None:  # as many copies of the limit's operands, in turn
-                    more = [
-                        limit_steps(config, t, touched, limit_mode, device, dtype, layer_weights(c))
-                        for c, _ in copies[1:]
-                    ]
+                    more = [limit_steps(config, t, touched, limit_mode, device, dtype) for _ in copies[1:]]
                     flops_step = _in_turn([flops_step, *(m[0] for m in more)])
                     bytes_step = _in_turn([bytes_step, *(m[1] for m in more)])
                 if peaks is None:
                     steps["limit:flops"] = flops_step
                     steps["limit:bytes"] = bytes_step
+                    # the same read of the layer's own weights (decode: each copy's, in turn)
+                    reads = [
+                        layer_read_step(config, touched, limit_mode, layer_weights(c), device, dtype)
+                        for c, _ in (copies if mode == "decode" else copies[:1])
+                    ]
+                    if all(r is not None for r in reads):
+                        steps["limit:bytes_layer"] = _in_turn(reads) if mode == "decode" else reads[0]
                 if mode == "fwd+bwd":  # not part of the limit: what a dense .grad costs by itself
                     steps["floor:dense_grads"] = _dense_grads_step(lib)
                 elif mode == "forward" and device.type == "cpu" and t > 0:  # (on a GPU: kernel launches)
@@ -714,7 +731,10 @@ def run(
                         ("limit:bytes", nbytes / peaks["bytes_per_s"]),
                     ):
                         timings[name] = {"min_s": sec, "median_s": sec, "calls_per_sample": 0}
-                limit = max(timings["limit:flops"]["min_s"], timings["limit:bytes"]["min_s"])
+                read_s = min(
+                    timings[n]["min_s"] for n in ("limit:bytes", "limit:bytes_layer") if n in timings
+                )
+                limit = max(timings["limit:flops"]["min_s"], read_s)
                 for v in timings.values():
                     v["ratio"] = v["min_s"] / limit
                 row = {
@@ -728,9 +748,7 @@ def run(
                     "limit_s": limit,
                     "limit_flops": flops,
                     "limit_bytes": nbytes,
-                    "limit_bound": "flops"
-                    if timings["limit:flops"]["min_s"] >= timings["limit:bytes"]["min_s"]
-                    else "bytes",
+                    "limit_bound": "flops" if timings["limit:flops"]["min_s"] >= read_s else "bytes",
                     "hf_max_abs_diff": hf_err,
                     "skipped": skipped,  # contenders that could not run here, and why
                     "timings": timings,

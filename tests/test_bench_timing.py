@@ -135,21 +135,22 @@ def test_layer_weights_are_every_parameter_once_the_experts_first():
 
 @pytest.mark.parametrize("touched", [1, 3, PRESETS["tiny"].n_routed_experts])
 @pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
-def test_the_limit_reads_the_layers_own_weights(touched, mode):
+def test_the_layer_read_reads_the_layers_own_weights(touched, mode):
     config = PRESETS["tiny"]
     layer = MoE(config)
     weights = bench.layer_weights(layer)
-    _, bytes_step, _, nbytes = bench.limit_steps(config, 4, touched, mode, "cpu", torch.float32, weights)
+    step = bench.layer_read_step(config, touched, mode, weights, "cpu", torch.float32)
     with _Reads() as reads:
-        bytes_step()
+        step()
     count = bench.layer_bytes(config, touched, 1)
     assert sum(n for _, n in reads.read) == count  # exactly the touched weights' elements
-    assert nbytes == bench.layer_bytes(config, touched, 4, backward=mode != "forward")
     # every read lies in the layer's weights, the experts' gate_up_proj first
     assert all(any(_inside(p, n, w) for w in weights) for p, n in reads.read), reads.read
     assert reads.read[0][0] == layer.experts.gate_up_proj.data_ptr()
     if touched == config.n_routed_experts:  # more than the experts hold: the router and shared expert too
         assert len(reads.read) > 2
+    else:
+        assert len(reads.read) <= 2
     if mode == "forward":
         assert reads.written == []
     else:  # the gradients: fresh memory, as many elements, none of it the weights'
@@ -157,20 +158,52 @@ def test_the_limit_reads_the_layers_own_weights(touched, mode):
         assert not any(any(_inside(p, n, w) for w in weights) for p, n in reads.written)
 
 
+@pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
+def test_the_limits_own_read_is_a_fresh_buffer_of_as_many_elements(mode):
+    config = PRESETS["tiny"]
+    layer = MoE(config)
+    _, bytes_step, _, nbytes = bench.limit_steps(config, 4, 3, mode, "cpu", torch.float32)
+    with _Reads() as reads:
+        bytes_step()
+    assert sum(n for _, n in reads.read) == bench.layer_bytes(config, 3, 1)
+    assert nbytes == bench.layer_bytes(config, 3, 4, backward=mode != "forward")
+    assert not any(any(_inside(p, n, w) for w in layer.parameters()) for p, n in reads.read)
+    assert sum(n for _, n in reads.written) == (0 if mode == "forward" else bench.layer_bytes(config, 3, 1))
+
+
 @pytest.mark.parametrize(
     "weights",
     [
-        [],  # none given: a fresh buffer
+        [],  # none given
         [torch.zeros(10)],  # fewer elements than the touched weights hold
         [torch.zeros(10**6, dtype=torch.float64)],  # another dtype
         [torch.zeros(2000, 1000).t()],  # not contiguous
     ],
     ids=["none", "too-few", "float64", "strided"],
 )
-def test_the_limit_reads_a_fresh_buffer_when_the_weights_do_not_fit(weights):
-    config = PRESETS["tiny"]
-    _, bytes_step, _, _ = bench.limit_steps(config, 4, 3, "forward", "cpu", torch.float32, weights)
-    with _Reads() as reads:
-        bytes_step()
-    assert sum(n for _, n in reads.read) == bench.layer_bytes(config, 3, 1)
-    assert not any(any(_inside(p, n, w) for w in weights) for p, n in reads.read)
+def test_no_layer_read_where_the_weights_do_not_fit(weights):
+    assert bench.layer_read_step(PRESETS["tiny"], 3, "forward", weights, "cpu", torch.float32) is None
+
+
+@pytest.mark.parametrize("faster", ["limit:bytes", "limit:bytes_layer"])
+def test_the_limit_takes_the_faster_read(monkeypatch, faster):
+    """bench.run with made-up times: the bytes limit is the faster of the two reads, whichever it is."""
+    seen: list[set[str]] = []
+
+    def fake(steps, device, repeats, min_sample_s, clock="wall"):
+        seen.append(set(steps))
+        times = {name: 1.0 for name in steps}
+        times["limit:flops"] = 0.1
+        times["limit:bytes"] = times["limit:bytes_layer"] = 0.5
+        times[faster] = 0.25
+        return {n: {"min_s": t, "median_s": t, "calls_per_sample": 1} for n, t in times.items()}
+
+    monkeypatch.setattr(bench, "time_interleaved", fake)
+    result = bench.run(
+        tokens=(1, 4), routings=("balanced",), modes=("forward", "fwd+bwd", "decode"), config=PRESETS["tiny"],
+        device="cpu", strategies=("auto",), hf_impls=(), verbose=False, compile_layer=False,
+    )  # fmt: skip
+    assert len(result["results"]) == 5 and all({"limit:bytes", "limit:bytes_layer"} <= s for s in seen)
+    for row in result["results"]:
+        assert row["limit_s"] == 0.25 and row["limit_bound"] == "bytes"
+        assert row["timings"]["lib:auto"]["ratio"] == pytest.approx(4.0)
