@@ -84,8 +84,9 @@ def test_a_token_gets_the_same_bits_alone_and_in_a_batch(hidden, inter):
 @pytest.mark.parametrize("hidden, inter", [(64, 32), (43, 11), (48, 17)])
 def test_every_pass_size_gives_the_same_bits(hidden, inter):
     """Passes of 1 to 9 tokens through one expert (each size takes its own code: four streams for up to
-    two tokens, one row at a time for 3-4, two rows for 5-8, two passes for 9) give each token bitwise
-    the bits it gets alone; odd widths take every path's leftover rows and columns."""
+    two tokens, one row at a time for 3-4 (down's short rows two at a time with AVX-512), two rows for 5-8,
+    two passes for 9) give each token bitwise the bits it gets alone; odd widths take every path's
+    leftover rows and columns."""
     x, _, _, gu, dn = _problem(9, 1, 1, hidden, inter, seed=3)
     idx, w = torch.zeros(9, 1, dtype=torch.int64), torch.rand(9, 1)
     alone = [cpu_kernel.fused_cpu_dispatch(x[t : t + 1], idx[:1], w[t : t + 1], gu, dn)[0] for t in range(9)]
