@@ -16,8 +16,9 @@ ratio to the limit. The contenders:
   sizes (router, shared expert, and the routed experts as one [T·K, H] GEMM each way) and (b)
   reading the weights of every touched expert once (router + shared expert + each routed expert
   that got a token), timed as a plain read of that many bytes two ways, the faster counting: a
-  fresh buffer, and the library layer's own weights (see :func:`layer_read_step`). For forward+backward, (a) adds the two backward GEMMs of each GEMM and (b)
-  also writes each touched weight's gradient once.
+  fresh buffer, and the library layer's own weights (see :func:`layer_read_step`). For
+  forward+backward, (a) adds the two backward GEMMs of each GEMM and (b) also writes each touched
+  weight's gradient once.
 
 The ``decode`` mode is the forward of one token (a decoding step) with its weights coming from
 memory, as in a model whose layers together are far larger than the CPU's caches: each call runs
