@@ -416,8 +416,9 @@ def _openmp_threads(pairs: int) -> int:
 
 
 def _parallel(one, claimed, offsets: Tensor, pairs: int, num_experts: int, backward: bool = False) -> None:
-    """Run all experts: ``one(0, E)`` in one call (no queue to fill: 4 µs of a 100 µs call at T=1), or on torch's thread count of Python threads
-    (ctypes releases the GIL, so the C code runs in parallel), each ``claimed(lst, queue, parts, part)``:
+    """Run all experts: ``one(0, E)`` in one call (no queue to fill: 4 µs of a 100 µs call at T=1),
+    or on torch's thread count of Python threads (ctypes releases the GIL, so the C code runs in
+    parallel), each ``claimed(lst, queue, parts, part)``:
     thread ``part`` runs its range of about equal cost (:func:`_chunks`), then takes over what the
     others have left (``moe_share_out`` fills the expert list and the queue; the same queue as the
     kernel's OpenMP calls).

@@ -151,11 +151,11 @@ def test_same_result_with_any_thread_count(openmp):
 @needs_kernel
 @pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "pool"])
 @pytest.mark.parametrize("owner", [0, 2])
-def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner, openmp):
+def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner, openmp, idle_thread):
     """The experts' forward and backward on three threads (torch's OpenMP ones, or Python's pool), one
     of which claims none of its own range: the others run those experts, and the output and every
     gradient keep the bits of one thread."""
-    lib, threads = cpu_kernel._lib, torch.get_num_threads()
+    threads = torch.get_num_threads()
 
     def run():
         x, idx, w, gu, dn = _problem(600, 16, 4, 64, 32, skew=True, grad=True)
@@ -167,13 +167,10 @@ def test_experts_left_by_a_slow_thread_are_taken_over_with_the_same_bits(owner, 
         torch.set_num_threads(1)
         one = run()
         torch.set_num_threads(3)
-        lib.moe_taken_over()  # (from zero)
-        lib.moe_schedule_test(owner)
-        with _threads_used(openmp):
+        with idle_thread(owner) as taken_over, _threads_used(openmp):
             three = run()
-        moved = lib.moe_taken_over()
+            moved = taken_over()
     finally:
-        lib.moe_schedule_test(-1)
         torch.set_num_threads(threads)
     assert moved > 0, "no expert was taken over from the idle thread"
     for a, b in zip(one, three, strict=True):

@@ -7,7 +7,6 @@ modules must run (routing returned with gradients, hooks, softmax, other sizes).
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from unittest.mock import patch
 
 import pytest
@@ -531,25 +530,13 @@ def test_training_on_two_threads_gives_the_bits_of_one(name, train_calls):
     assert train_calls == [True] * 2 * len(counts)
 
 
-@contextmanager
-def _idle_thread(owner: int):
-    """The kernel's parallel calls with thread ``owner`` claiming none of its own experts, so the
-    other threads must take all of them over (as when a thread runs slow); yields a function that
-    says how many experts ran outside their own thread's range."""
-    lib = cpu_kernel._lib
-    lib.moe_taken_over()  # (from zero)
-    lib.moe_schedule_test(owner)
-    try:
-        yield lib.moe_taken_over
-    finally:
-        lib.moe_schedule_test(-1)
-
-
 @needs_openmp
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers' 0-wide shared MLP
 @pytest.mark.parametrize("owner", [0, 1])
 @pytest.mark.parametrize("name", ["plain", "grouped", "unnormalised-no-shared"])
-def test_experts_a_slow_thread_leaves_are_taken_over_with_the_same_bits(name, owner, calls, train_calls):
+def test_experts_a_slow_thread_leaves_are_taken_over_with_the_same_bits(
+    name, owner, calls, train_calls, idle_thread
+):
     """The one call on two threads, one of which takes none of its own experts: the other thread (and
     its own steals) run them, and the output, the routing and every gradient keep the bits of one thread."""
     moe, _ = _layers(CONFIGS[name])
@@ -575,7 +562,7 @@ def test_experts_a_slow_thread_leaves_are_taken_over_with_the_same_bits(name, ow
         one = run()
         torch.set_num_threads(2)
         assert cpu_kernel.layer_threads(tokens, moe.config.num_experts_per_tok) == 2
-        with _idle_thread(owner) as taken_over:
+        with idle_thread(owner) as taken_over:
             two = run()
             moved = taken_over()
     finally:

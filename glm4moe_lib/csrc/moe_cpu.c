@@ -329,9 +329,10 @@ static void rows_dot_n(const float *w, int64_t m, int64_t n, const float *const 
  * at a time (rows_dot2), where 32 vector registers hold their accumulators. Down's rows are short (I floats: 512
  * bytes here), so rows j and j + 1 lie in one stretch of memory that the hardware prefetcher follows as one stream;
  * the rows of gate and up (H floats) lie 2 KB apart: two streams. Measured (1 thread, in-process A/B, bitwise the
- * same results): the bench layer's forward 3% faster at T=48-64 (1-4% in four runs), level at T=16-32 and 96-256; the small preset
- * (weights in cache) 5-10% at T=12-16. One expert in L2: down at 3 and 4 tokens 5.8 and 7.3 us instead of 8.0 and
- * 9.2; gate and up two rows at a time there too measured 12-21% slower from memory (T=64), so they keep one. */
+ * same results): the bench layer's forward 3% faster at T=48-64 (1-4% in four runs), level at T=16-32 and
+ * 96-256; the small preset (weights in cache) 5-10% at T=12-16. One expert in L2: down at 3 and 4 tokens 5.8 and
+ * 7.3 us instead of 8.0 and 9.2; gate and up two rows at a time measured 12-21% slower from memory (T=64), so they
+ * keep one. */
 static void down_rows_n(const float *w, int64_t m, int64_t n, const float *const *x, int nr, float *const *out,
                         read_ahead *ra) {
     switch (nr) {
@@ -481,9 +482,6 @@ static void split_scratch(float *scratch, int64_t I, float **g, float **a) {
     }
 }
 
-/* y[p] = expert_e(x[p / K]) for every pair p of the experts e in [e0, e1).
- * gate_up [E, 2I, H] (gate rows first), down [E, H, I]; scratch holds RB * 3 * I floats;
- * hsave: NULL, or [T*K, 2I] to keep each pair's gate and up pre-activations for moe_experts_bwd. */
 /* moe_experts' work for one expert e (with at least one pair), reading ahead expert `next` (-1: none);
  * g and a: split_scratch's rows */
 static void expert_forward(const float *x, const int64_t *order, const int64_t *offsets, int64_t e, int64_t next,
@@ -511,6 +509,9 @@ static int64_t next_touched(const int64_t *offsets, int64_t e, int64_t e1) {
     return next < e1 ? next : -1;
 }
 
+/* y[p] = expert_e(x[p / K]) for every pair p of the experts e in [e0, e1).
+ * gate_up [E, 2I, H] (gate rows first), down [E, H, I]; scratch holds RB * 3 * I floats;
+ * hsave: NULL, or [T*K, 2I] to keep each pair's gate and up pre-activations for moe_experts_bwd. */
 void moe_experts(const float *x, const int64_t *order, const int64_t *offsets, int64_t e0, int64_t e1,
                  int64_t K, const float *gate_up, const float *down, int64_t H, int64_t I, float *y,
                  float *scratch, float *hsave) {
