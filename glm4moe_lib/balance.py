@@ -11,7 +11,9 @@ The coefficient (alpha) is left to the caller: every loss here is returned unsca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -34,7 +36,19 @@ def _stack_logits(router_logits: Tensor | Sequence[Tensor]) -> list[Tensor]:
             raise ValueError(
                 f"router_logits[{i}] has shape {shape}: every layer must be [tokens, {num_experts}]"
             )
+    if sum(layer.shape[0] for layer in layers) == 0:  # a mean over no rows is NaN, not a loss
+        raise ValueError("router_logits has 0 rows (tokens) in all layers: a loss needs at least one token")
     return layers
+
+
+def _check_indices(name: str, indices: Tensor, num_experts: int) -> None:
+    """Expert ids must be integers in [0, num_experts); one min/max pass over the [T, K] ids."""
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {indices.dtype}: expected integer expert ids")
+    if indices.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(indices))
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{name} holds expert ids from {lo} to {hi}: they must be in [0, {num_experts})")
 
 
 def load_balancing_loss(
@@ -64,6 +78,13 @@ def load_balancing_loss(
                 f"attention_mask has {mask.numel()} positions but the router logits have "
                 f"{[x.shape[0] for x in layers]} rows per layer: they must be equal"
             )
+        # One scalar sync, only with a mask: an all-padding batch would otherwise give a NaN loss
+        # (transformers' load_balancing_loss_func returns NaN there too).
+        if not bool(mask.any()):
+            raise ValueError(
+                "attention_mask has no real tokens (all zeros): the loss is undefined (0 / 0); "
+                "skip this batch instead"
+            )
         row_w = mask.repeat(len(layers)).unsqueeze(-1)  # [L*T, 1]
     total = row_w.sum()
     f = (picks * row_w).sum(0) / total  # [E], sums to top_k
@@ -89,15 +110,33 @@ def sequence_balance_loss(scores: Tensor, topk_indices: Tensor, batch_size: int)
     sequence order. Per sequence: f_i = N / (K*S) * count_i, P_i = mean_t s_ti / sum_j s_tj.
     Uniform routing gives 1; multiply by a small alpha (the paper uses 1e-4).
     """
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or 0 in scores.shape:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores has shape {shape}: expected a non-empty [tokens, experts] tensor")
     rows, num_experts = scores.shape
+    if (
+        not isinstance(topk_indices, Tensor)
+        or topk_indices.dim() != 2
+        or topk_indices.shape[0] != rows
+        or topk_indices.shape[1] == 0
+    ):
+        shape = tuple(topk_indices.shape) if isinstance(topk_indices, Tensor) else type(topk_indices).__name__
+        raise ValueError(
+            f"topk_indices has shape {shape}: expected [tokens={rows}, K] with K >= 1, as scores"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size={batch_size!r} is not allowed: it must be an integer")
     if batch_size <= 0 or rows % batch_size != 0:
         raise ValueError(f"batch_size={batch_size} is not allowed: it must divide the {rows} rows")
+    _check_indices("topk_indices", topk_indices, num_experts)  # a loss, once per step: min/max is cheap
     seq_len, top_k = rows // batch_size, topk_indices.shape[-1]
     s = scores.float().view(batch_size, seq_len, num_experts)
     p = (s / s.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)  # [B, E]
     counts = torch.zeros(batch_size, num_experts, device=scores.device)
     counts.scatter_add_(
-        1, topk_indices.view(batch_size, -1), torch.ones_like(counts[:, :1]).expand(-1, seq_len * top_k)
+        1,
+        topk_indices.long().reshape(batch_size, -1),
+        torch.ones_like(counts[:, :1]).expand(-1, seq_len * top_k),
     )
     f = counts * num_experts / (top_k * seq_len)  # [B, E]
     return (f * p).sum(-1).mean()
@@ -107,7 +146,13 @@ def sequence_balance_loss(scores: Tensor, topk_indices: Tensor, batch_size: int)
 
 
 def expert_load(topk_indices: Tensor, num_experts: int) -> Tensor:
-    """How many (token, slot) picks each expert got: [E] float32, sums to T*K."""
+    """How many (token, slot) picks each expert got: [E] float32, sums to T*K.
+
+    ``topk_indices`` holds integer expert ids in [0, num_experts), any shape.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    _check_indices("topk_indices", topk_indices, num_experts)  # bincount reads them all anyway
     return torch.bincount(topk_indices.reshape(-1), minlength=num_experts).float()
 
 
@@ -117,8 +162,10 @@ def update_bias(bias: Tensor, load: Tensor, update_rate: float = 1e-3) -> Tensor
 
     Overloaded experts get a lower selection bias, underloaded ones a higher one. Returns ``bias``.
     """
-    if not update_rate >= 0:
-        raise ValueError(f"update_rate={update_rate!r} is not allowed: it must be >= 0")
+    if isinstance(update_rate, bool) or not isinstance(update_rate, Real):
+        raise TypeError(f"update_rate={update_rate!r} is not allowed: it must be a finite number >= 0")
+    if not (update_rate >= 0 and math.isfinite(update_rate)):
+        raise ValueError(f"update_rate={update_rate!r} is not allowed: it must be a finite number >= 0")
     if load.shape != bias.shape:
         raise ValueError(f"load has shape {tuple(load.shape)}: it must match bias {tuple(bias.shape)}")
     load = load.float()
@@ -131,6 +178,8 @@ def update_bias(bias: Tensor, load: Tensor, update_rate: float = 1e-3) -> Tensor
 
 def max_violation(load: Tensor) -> float:
     """MaxVio = (max_i load_i - mean load) / mean load: 0 is perfectly balanced."""
+    if load.numel() == 0:
+        raise ValueError(f"load has shape {tuple(load.shape)}: it must hold one count per expert (non-empty)")
     load = load.float()
     mean = load.mean()
     if mean <= 0:
@@ -141,8 +190,19 @@ def max_violation(load: Tensor) -> float:
 def routing_entropy(scores: Tensor) -> float:
     """Mean per-token entropy (nats) of the router's scores normalized to a distribution.
 
+    ``scores`` [T, E] must be non-negative (softmax or sigmoid outputs), not raw logits.
     log(E) means the router cannot tell experts apart; 0 means it is certain.
     """
+    if scores.dim() == 0 or scores.numel() == 0:
+        raise ValueError(
+            f"scores has shape {tuple(scores.shape)}: expected a non-empty [tokens, experts] tensor"
+        )
+    low = float(scores.min())  # a metric, not a training step: one extra pass is fine
+    if not low >= 0:
+        raise ValueError(
+            f"scores has a minimum of {low:g}: expected router scores >= 0 (softmax or sigmoid of the "
+            "logits), not raw logits"
+        )
     p = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-20)
     return float(-(p * p.clamp_min(1e-20).log()).sum(-1).mean())
 

@@ -10,6 +10,7 @@ released GLM-4.5's ``sigmoid`` router. Every value is checked on construction: a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,26 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Changing a field later is checked as on construction: a value that is not allowed raises
+        (and the field keeps its old value), so a layer never runs on a config it could not be built
+        with (the fused CPU kernel trusts its routing fields)."""
+        if not self.__dict__.get("_validated"):  # still in __init__
+            object.__setattr__(self, name, value)
+            return
+        missing = object()
+        old = self.__dict__.get(name, missing)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except (ValueError, TypeError):
+            if old is missing:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, old)
+            raise
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is not allowed."""
@@ -108,17 +129,23 @@ class MoEConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides: Any) -> MoEConfig:
-        """Build from a transformers ``Glm4MoeConfig`` (or anything with the same attributes).
+        """Build from a transformers ``Glm4MoeConfig``, a mapping of its fields (e.g. its
+        ``to_dict()`` or a config.json), or any object with the same attributes.
 
         GLM-4.5 checkpoints always use sigmoid scoring, so ``scoring_func`` is "sigmoid" unless
         the config says otherwise (DeepSeek-style configs carry a ``scoring_func`` field).
         """
-        fields = {}
-        for f in dataclasses.fields(cls):
-            if f.name in ("dispatch",):
-                continue
-            if hasattr(hf_config, f.name):
-                fields[f.name] = getattr(hf_config, f.name)
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "dispatch"]
+        if isinstance(hf_config, Mapping):
+            fields = {name: hf_config[name] for name in names if name in hf_config}
+        else:
+            fields = {name: getattr(hf_config, name) for name in names if hasattr(hf_config, name)}
+        if not fields:  # e.g. None or a wrong object: defaults would be a silent wrong answer
+            raise TypeError(
+                f"hf_config of type {type(hf_config).__name__} has none of the MoEConfig fields "
+                f"{names}: pass a transformers Glm4MoeConfig, a mapping such as its to_dict(), or an "
+                "object with those attributes"
+            )
         fields.setdefault("scoring_func", "sigmoid")
         fields.update(overrides)
         return cls(**fields)

@@ -49,11 +49,30 @@ def group_limited_mask(choice: Tensor, n_group: int, topk_group: int) -> Tensor:
     """Boolean mask [T, E]: True for experts in the ``topk_group`` best groups of each token.
 
     A group's score is the sum of its two highest choice scores (as in DeepSeek-V3 / GLM-4.5).
+    ``n_group`` must be a positive integer dividing E, and ``1 <= topk_group <= n_group``.
     """
+    if not isinstance(choice, Tensor) or choice.dim() != 2:
+        shape = tuple(choice.shape) if isinstance(choice, Tensor) else type(choice).__name__
+        raise ValueError(f"choice has shape {shape}: expected [tokens, experts]")
     tokens, num_experts = choice.shape
+    # Plain int comparisons only: this runs on every routed call when n_group > 1.
+    if isinstance(n_group, bool) or not isinstance(n_group, int) or n_group <= 0 or num_experts % n_group:
+        raise ValueError(
+            f"n_group={n_group!r} is not allowed: it must be a positive integer dividing the "
+            f"{num_experts} experts of choice"
+        )
+    if isinstance(topk_group, bool) or not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        raise ValueError(
+            f"topk_group={topk_group!r} is not allowed: it must be an integer between 1 and n_group={n_group}"
+        )
     if n_group == 1 or topk_group >= n_group:
         return torch.ones_like(choice, dtype=torch.bool)
     per_group = num_experts // n_group
+    if per_group < 2:
+        raise ValueError(
+            f"n_group={n_group} is not allowed with {num_experts} experts: group scores sum each "
+            f"group's two best experts, so every group needs at least 2 experts"
+        )
     group_scores = choice.view(tokens, n_group, per_group).topk(2, dim=-1).values.sum(-1)  # [T, G]
     group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
@@ -95,6 +114,11 @@ class TopkRouter(nn.Module):
     """Linear router with a selection bias, as ``Glm4MoeTopkRouter`` (same state_dict keys)."""
 
     def __init__(self, config: MoEConfig) -> None:
+        if not isinstance(config, MoEConfig):
+            raise TypeError(
+                f"config of type {type(config).__name__} is not allowed: TopkRouter needs a MoEConfig "
+                "(use MoEConfig.from_hf for a transformers config)"
+            )
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))  # [E, H]
@@ -118,6 +142,21 @@ class TopkRouter(nn.Module):
 
     def forward(self, hidden_states: Tensor, temperature: float = 1.0) -> RouterOutput:
         """Route ``hidden_states`` [..., H] (flattened to [T, H]); the math runs in float32."""
+        # Cheap attribute checks only (per-call path): a wrong H would otherwise reshape silently.
+        if not isinstance(hidden_states, Tensor):
+            raise TypeError(
+                f"hidden_states is a {type(hidden_states).__name__}: expected a floating-point tensor [..., H]"
+            )
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden_states has shape {tuple(hidden_states.shape)}: expected [..., hidden_size="
+                f"{self.config.hidden_size}]"
+            )
+        if not hidden_states.is_floating_point():
+            raise TypeError(
+                f"hidden_states has dtype {hidden_states.dtype}: expected a floating-point tensor "
+                "(token representations, not token ids)"
+            )
         x = hidden_states.reshape(-1, self.config.hidden_size)  # [T, H]
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         return route(logits, self.config, self.e_score_correction_bias, temperature)
