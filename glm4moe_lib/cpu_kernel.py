@@ -368,6 +368,29 @@ def check_expert_shapes(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: 
         )
 
 
+def check_routing_params(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """Clear errors for routing parameters the C router cannot take (it would read past its arrays):
+    1 <= top_k <= topk_group * num_experts / n_group, n_group dividing num_experts, 1 <= topk_group <=
+    n_group (the rules of :meth:`MoEConfig.validate`)."""
+    for name, value in (("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+    if num_experts % n_group or (n_group > 1 and num_experts // n_group < 2):
+        raise ValueError(
+            f"n_group={n_group} is not allowed with {num_experts} experts: it must divide them into groups "
+            "of at least 2"
+        )
+    if topk_group > n_group:
+        raise ValueError(
+            f"topk_group={topk_group} is not allowed: it must be between 1 and n_group={n_group}"
+        )
+    if top_k > topk_group * (num_experts // n_group):
+        raise ValueError(
+            f"top_k={top_k} is not allowed: a token can choose from at most topk_group * experts / n_group = "
+            f"{topk_group * (num_experts // n_group)} experts"
+        )
+
+
 def check_mlp_shapes(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> None:
     """Clear errors for a SwiGLU MLP whose weights do not fit each other or the tokens: gate and up
     [I, H], down [H, I] (``nn.Linear`` weights), x [..., H]."""
@@ -658,6 +681,7 @@ def layer_forward(
     """
     check_expert_shapes(x, gate_up, down)
     num_experts, hidden, _ = down.shape
+    check_routing_params(num_experts, top_k, n_group, topk_group)
     check_shapes(
         ("the router weight (gate.weight)", router_weight, (num_experts, hidden)),
         ("the router bias (e_score_correction_bias)", bias, (num_experts,)),

@@ -41,6 +41,7 @@ transformers' grouped_mm path does): deterministic, and more accurate in bf16.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -66,8 +67,119 @@ class DispatchPlan(NamedTuple):
     offsets: Tensor  # [E+1] start of each expert's block; block e is offsets[e]:offsets[e+1]
 
 
+def _check_index(
+    top_k_index: Tensor, num_experts: int, tokens: int | None = None, check_ids: bool = True
+) -> None:
+    """Clear errors for expert ids that are not an integer [T, K] tensor of ids in [0, num_experts).
+
+    The shape and dtype cost nothing to check; the ids' range needs one look at the data (a host sync
+    on a GPU), skipped with ``check_ids=False`` for ids that come from the router.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    if not isinstance(top_k_index, Tensor):
+        raise TypeError(f"top_k_index must be a torch.Tensor, got {type(top_k_index).__name__}")
+    if top_k_index.dim() != 2 or (tokens is not None and top_k_index.shape[0] != tokens):
+        want = "tokens" if tokens is None else f"tokens={tokens}"
+        raise ValueError(f"top_k_index has shape {tuple(top_k_index.shape)}: expected [{want}, top_k]")
+    if top_k_index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
+    if check_ids and top_k_index.numel():
+        low, high = (int(v) for v in torch.aminmax(top_k_index))  # one host sync
+        if low < 0 or high >= num_experts:
+            raise ValueError(
+                f"top_k_index holds expert ids from {low} to {high}: they must lie in [0, {num_experts})"
+            )
+
+
+def _check_args(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    check_ids: bool = True,
+) -> None:
+    """Clear errors for a batch, its routing and the experts' weights that do not fit together
+    (shapes, dtypes, devices), and, with ``check_ids``, for expert ids outside [0, E)."""
+    tensors = (
+        ("hidden_states", hidden_states),
+        ("top_k_index", top_k_index),
+        ("top_k_weights", top_k_weights),
+        ("gate_up_proj", gate_up_proj),
+        ("down_proj", down_proj),
+    )
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    cpu_kernel.check_expert_shapes(hidden_states, gate_up_proj, down_proj)
+    _check_index(top_k_index, gate_up_proj.shape[0], hidden_states.shape[0], check_ids)
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_weights has shape {tuple(top_k_weights.shape)}: it must match top_k_index "
+            f"{tuple(top_k_index.shape)}"
+        )
+    for name, t in tensors:
+        if name != "top_k_index" and not t.is_floating_point():
+            raise ValueError(f"{name} has dtype {t.dtype}: a floating-point tensor is required")
+        if t.device != hidden_states.device:
+            raise ValueError(
+                f"{name} is on {t.device} but hidden_states is on {hidden_states.device}: they must be on "
+                "one device"
+            )
+    if down_proj.dtype != gate_up_proj.dtype:
+        raise ValueError(
+            f"down_proj has dtype {down_proj.dtype} but gate_up_proj {gate_up_proj.dtype}: they must match"
+        )
+    if hidden_states.dtype != gate_up_proj.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        raise ValueError(
+            f"hidden_states has dtype {hidden_states.dtype} but the experts' weights are {gate_up_proj.dtype}: "
+            "cast one of them"
+        )
+
+
+def _no_pairs(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """The output of a batch without (token, expert) pairs (no tokens, or K=0): zeros, still on the
+    autograd graph (as a real batch would be): a caller that backpropagates through it, e.g. an
+    expert-parallel rank that received no tokens, must still reach the weights."""
+    anchor = gate_up_proj.reshape(-1)[:1].sum() + down_proj.reshape(-1)[:1].sum()
+    return hidden_states * 0 + (anchor * 0).to(hidden_states.dtype)
+
+
+def _strategy(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A strategy as a public function: checks its arguments first (:func:`_check_args`, the expert
+    ids included) and handles a batch without pairs. :func:`dispatch_combine` checks once and then
+    calls the unchecked function, ``strategy.__wrapped__`` (the :data:`STRATEGIES` entries)."""
+
+    @functools.wraps(run)
+    def checked(
+        hidden_states: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        gate_up_proj: Tensor,
+        down_proj: Tensor,
+        act_fn: ActFn = F.silu,
+    ) -> Tensor:
+        _check_args(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
+        if top_k_index.numel() == 0:
+            return _no_pairs(hidden_states, gate_up_proj, down_proj)
+        return run(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)
+
+    return checked
+
+
 def plan_dispatch(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
-    """Sort the flattened (token, slot) pairs by expert (stable, so tokens stay in order)."""
+    """Sort the flattened (token, slot) pairs by expert (stable, so tokens stay in order).
+
+    top_k_index [T, K] integer ids in [0, num_experts) (checked: one look at the ids, a host sync on a
+    GPU; the strategies, whose ids :func:`dispatch_combine` has checked, skip it).
+    """
+    _check_index(top_k_index, num_experts)
+    return _plan(top_k_index, num_experts)
+
+
+def _plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
+    """:func:`plan_dispatch` without its checks."""
     top_k = top_k_index.shape[-1]
     flat_experts = top_k_index.reshape(-1)  # [T*K]
     order = torch.argsort(flat_experts, stable=True)  # [T*K]
@@ -100,13 +212,15 @@ def capacity_keep_mask(top_k_index: Tensor, num_experts: int, capacity: int) -> 
         raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
     top_k = top_k_index.shape[-1]
     slot_major = top_k_index.T.reshape(-1, 1)  # [K*T, 1]: all first choices, then all second ...
-    plan = plan_dispatch(slot_major, num_experts)  # stable: queue order within each expert
+    _check_index(top_k_index, num_experts)
+    plan = _plan(slot_major, num_experts)  # stable: queue order within each expert
     position = torch.arange(plan.order.numel(), device=top_k_index.device) - plan.offsets[plan.expert_ids]
     keep = torch.empty(plan.order.numel(), dtype=torch.bool, device=top_k_index.device)
     keep[plan.order] = position < capacity  # [K*T] back from expert order to slot-major order
     return keep.view(top_k, -1).T  # [T, K]
 
 
+@_strategy
 def dense_reference(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -126,6 +240,7 @@ def dense_reference(
     return torch.einsum("te,eth->th", dense_w, all_out.float()).to(hidden_states.dtype)
 
 
+@_strategy
 def loop_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -145,6 +260,7 @@ def loop_dispatch(
     return out
 
 
+@_strategy
 def sorted_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -154,7 +270,7 @@ def sorted_dispatch(
     act_fn: ActFn = F.silu,
 ) -> Tensor:
     """Sort pairs by expert, run each contiguous block, weighted scatter-add back (dropless)."""
-    plan = plan_dispatch(top_k_index, gate_up_proj.shape[0])
+    plan = _plan(top_k_index, gate_up_proj.shape[0])
     x_sorted = hidden_states[plan.token_ids]  # [T*K, H], grouped by expert
     gate_ups, downs = gate_up_proj.unbind(0), down_proj.unbind(0)  # views: one gradient buffer each
     blocks = []
@@ -197,6 +313,7 @@ def _experts_per_row(
     return torch.bmm(a, down_proj.index_select(0, experts).transpose(1, 2)).squeeze(1)  # [S, H]
 
 
+@_strategy
 def gather_bmm_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -215,6 +332,7 @@ def gather_bmm_dispatch(
     return _combine_slots(y, top_k_weights, hidden_states.dtype)
 
 
+@_strategy
 def sorted_gather_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -230,7 +348,7 @@ def sorted_gather_dispatch(
     expert's weights are read from memory once and re-read from cache for its other rows: static
     shapes, no host sync, and about the weight traffic of a grouped GEMM.
     """
-    plan = plan_dispatch(top_k_index, gate_up_proj.shape[0])
+    plan = _plan(top_k_index, gate_up_proj.shape[0])
     x_sorted = hidden_states[plan.token_ids]  # [S, H], grouped by expert
     y_sorted = _experts_per_row(x_sorted, plan.expert_ids, gate_up_proj, down_proj, act_fn)  # [S, H]
     return _unsort_combine(plan, y_sorted, top_k_weights, hidden_states.dtype)
@@ -250,7 +368,7 @@ def padded_plan(top_k_index: Tensor, num_experts: int, capacity_factor: float = 
     ``heavy_experts`` got more than ``capacity`` tokens and run alone. ``capacity * E`` is at most
     ``2 * capacity_factor * T * K + E`` rows (the slab is O(T·K·H), whatever the routing).
     """
-    plan = plan_dispatch(top_k_index, num_experts)
+    plan = _plan(top_k_index, num_experts)
     pairs = plan.order.numel()
     counts = plan.counts
     max_count = int(counts.max())
@@ -268,6 +386,7 @@ def padded_plan(top_k_index: Tensor, num_experts: int, capacity_factor: float = 
     return plan, capacity, in_slab, slot, heavy
 
 
+@_strategy
 def padded_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -336,12 +455,17 @@ def grouped_mm_available(device: torch.device | str | None = None) -> bool:
     return False
 
 
+#: the dtypes torch's grouped GEMM takes (float64 falls back to ``sorted``)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm_fits(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
     """Whether torch's grouped GEMM accepts these widths: every row stride a multiple of 16 bytes."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
 
 
+@_strategy
 def grouped_mm_dispatch(
     hidden_states: Tensor,
     top_k_index: Tensor,
@@ -355,11 +479,15 @@ def grouped_mm_dispatch(
     No host sync: the block ends (``offsets``) stay on the device, empty experts are skipped by
     the kernel. Weights are used as stored, transposed views [E, H, 2I] and [E, I, H].
     """
-    if not grouped_mm_fits(hidden_states.shape[-1], down_proj.shape[-1], hidden_states.dtype):
-        # The kernel needs 16-byte-aligned rows; tiny teaching widths fall back to the same math
-        # on the sorted blocks.
-        return sorted_dispatch(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)
-    plan = plan_dispatch(top_k_index, gate_up_proj.shape[0])
+    if hidden_states.dtype not in GROUPED_MM_DTYPES or not grouped_mm_fits(
+        hidden_states.shape[-1], down_proj.shape[-1], hidden_states.dtype
+    ):
+        # The kernel takes float32, bf16 and fp16 with 16-byte-aligned rows; float64 and tiny teaching
+        # widths fall back to the same math on the sorted blocks.
+        return sorted_dispatch.__wrapped__(
+            hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn
+        )
+    plan = _plan(top_k_index, gate_up_proj.shape[0])
     offs = plan.offsets[1:].to(torch.int32)  # [E] block ends
     x_sorted = hidden_states[plan.token_ids]  # [S, H]
     gate, up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)  # [S, I]
@@ -367,14 +495,16 @@ def grouped_mm_dispatch(
     return _unsort_combine(plan, y, top_k_weights, hidden_states.dtype)
 
 
+#: name -> the strategy without its argument checks (dispatch_combine checks once); the public
+#: functions above (``loop_dispatch`` ...) check their arguments when called directly.
 STRATEGIES: dict[str, Callable[..., Tensor]] = {
-    "loop": loop_dispatch,
-    "sorted": sorted_dispatch,
-    "dense": dense_reference,
-    "gather_bmm": gather_bmm_dispatch,
-    "sorted_gather": sorted_gather_dispatch,
-    "padded": padded_dispatch,
-    "grouped_mm": grouped_mm_dispatch,
+    "loop": loop_dispatch.__wrapped__,
+    "sorted": sorted_dispatch.__wrapped__,
+    "dense": dense_reference.__wrapped__,
+    "gather_bmm": gather_bmm_dispatch.__wrapped__,
+    "sorted_gather": sorted_gather_dispatch.__wrapped__,
+    "padded": padded_dispatch.__wrapped__,
+    "grouped_mm": grouped_mm_dispatch.__wrapped__,
     "fused_cpu": fused_cpu_dispatch,
 }
 
@@ -501,7 +631,7 @@ def choose_strategy(
             return "gather_bmm"
         if inference and pairs >= LOOP_MIN_ROWS_PER_EXPERT * num_experts:
             return "loop"
-        if grouped_mm_available(device):
+        if grouped_mm_available(device) and hidden_states.dtype in GROUPED_MM_DTYPES:
             return "grouped_mm"
         return "sorted" if inference else "padded"
     if small:
@@ -514,40 +644,6 @@ def choose_strategy(
     ):
         return "grouped_mm"
     return "padded"
-
-
-def _check_routing(
-    hidden_states: Tensor,
-    top_k_index: Tensor,
-    top_k_weights: Tensor,
-    num_experts: int,
-    check_ids: bool = True,
-) -> None:
-    """Clear errors for routing tensors that do not fit the batch or the experts.
-
-    Shapes and dtypes cost nothing to check; the expert ids' range needs one look at the data (a
-    host sync on a GPU), skipped with ``check_ids=False`` for ids that come from the router.
-    """
-    tokens = hidden_states.shape[0]
-    if hidden_states.dim() != 2:
-        raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}: expected [tokens, hidden]")
-    if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens:
-        raise ValueError(
-            f"top_k_index has shape {tuple(top_k_index.shape)}: expected [tokens={tokens}, top_k]"
-        )
-    if top_k_weights.shape != top_k_index.shape:
-        raise ValueError(
-            f"top_k_weights has shape {tuple(top_k_weights.shape)}: it must match top_k_index "
-            f"{tuple(top_k_index.shape)}"
-        )
-    if top_k_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
-    if check_ids and top_k_index.numel():
-        low, high = (int(v) for v in torch.aminmax(top_k_index))  # one host sync
-        if low < 0 or high >= num_experts:
-            raise ValueError(
-                f"top_k_index holds expert ids from {low} to {high}: they must lie in [0, {num_experts})"
-            )
 
 
 def dispatch_combine(
@@ -566,18 +662,13 @@ def dispatch_combine(
     does): it skips the one host sync of the range check, so the fast GPU paths never wait for
     the device and a layer call can be captured in a CUDA graph.
     """
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not allowed: use 'auto' or one of {sorted(STRATEGIES)}")
+    _check_args(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, check_ids)
+    if top_k_index.numel() == 0:  # no tokens, or K=0: nothing to compute
+        return _no_pairs(hidden_states, gate_up_proj, down_proj)
     if strategy == "auto":
         strategy = choose_strategy(hidden_states, top_k_index, gate_up_proj.shape[0], act_fn)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is not allowed: use 'auto' or one of {sorted(STRATEGIES)}")
-    _check_routing(hidden_states, top_k_index, top_k_weights, gate_up_proj.shape[0], check_ids)
-    cpu_kernel.check_expert_shapes(hidden_states, gate_up_proj, down_proj)
-    if hidden_states.shape[0] == 0:
-        # Nothing to compute, but stay on the autograd graph (as a real batch would): a caller that
-        # backpropagates through an empty batch, e.g. an expert-parallel rank that received no
-        # tokens, must still reach the weights.
-        anchor = gate_up_proj.reshape(-1)[:1].sum() + down_proj.reshape(-1)[:1].sum()
-        return hidden_states * 0 + (anchor * 0).to(hidden_states.dtype)
     run = STRATEGIES[strategy]
     if _compiling() and not _compiles(strategy, hidden_states.device):
         # torch.compile of a layer: run this strategy eagerly (a graph break) rather than fail

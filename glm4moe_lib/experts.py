@@ -24,6 +24,11 @@ from .config import MoEConfig
 ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
+def _check_act(hidden_act: str) -> None:
+    if not isinstance(hidden_act, str) or hidden_act not in ACT_FNS:
+        raise ValueError(f"hidden_act={hidden_act!r} is not allowed: use one of {sorted(ACT_FNS)}")
+
+
 def _plain_call(module: nn.Module | None) -> bool:
     """Whether calling ``module`` runs just its class's forward: no hooks, nothing patched in."""
     return module is None or not (
@@ -36,6 +41,10 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+        _check_act(hidden_act)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -79,6 +88,8 @@ class Experts(nn.Module):
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         self.config = config
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts = e

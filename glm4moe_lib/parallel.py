@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import numbers
 import os
 import signal
 import socket
@@ -83,9 +85,16 @@ __all__ = [
 # ---- who owns what --------------------------------------------------------------------------------
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def check_world_size(num_experts: int, world_size: int) -> int:
-    """Experts per rank; ValueError unless ``world_size`` divides ``num_experts``."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+    """Experts per rank; ValueError unless both are positive integers and ``world_size`` divides
+    ``num_experts``."""
+    if not _is_positive_int(num_experts):
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    if not _is_positive_int(world_size):
         raise ValueError(f"world_size={world_size!r} is not allowed: it must be a positive integer")
     if num_experts % world_size != 0:
         allowed = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
@@ -97,19 +106,46 @@ def check_world_size(num_experts: int, world_size: int) -> int:
     return num_experts // world_size
 
 
+def _check_expert_ids(ids: Tensor, name: str, num_experts: int) -> None:
+    """An integer tensor of expert ids in [0, num_experts), or a clear error naming ``name``."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} is a {type(ids).__name__}: pass an integer tensor of expert ids")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {ids.dtype}: an integer (int64) tensor of expert ids is required")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(
+                f"{name} holds expert ids from {lo} to {hi}: they must lie in [0, {num_experts}) "
+                f"for num_experts={num_experts}"
+            )
+
+
 def expert_owner(expert: Tensor, num_experts: int, world_size: int) -> Tensor:
     """The rank that owns each expert id (contiguous blocks of E/W experts per rank)."""
-    return torch.div(expert, check_world_size(num_experts, world_size), rounding_mode="floor")
+    per_rank = check_world_size(num_experts, world_size)
+    _check_expert_ids(expert, "expert", num_experts)
+    return torch.div(expert, per_rank, rounding_mode="floor")
 
 
 def send_counts(topk_indices: Tensor, num_experts: int, world_size: int) -> Tensor:
     """How many (token, slot) pairs of one rank go to each rank: [T, K] -> [W] int64."""
-    owner = expert_owner(topk_indices.reshape(-1), num_experts, world_size)  # [T*K]
+    per_rank = check_world_size(num_experts, world_size)
+    _check_expert_ids(topk_indices, "topk_indices", num_experts)
+    owner = torch.div(topk_indices.reshape(-1), per_rank, rounding_mode="floor")  # [T*K]
     return torch.bincount(owner, minlength=world_size)
 
 
 def traffic_matrix(topk_indices_per_rank: Sequence[Tensor], num_experts: int, world_size: int) -> Tensor:
     """The all-to-all traffic in rows: [W, W], entry [s, d] = pairs rank s sends to rank d."""
+    check_world_size(num_experts, world_size)
+    if not isinstance(topk_indices_per_rank, (Sequence, Tensor)):
+        raise TypeError(
+            f"topk_indices_per_rank is a {type(topk_indices_per_rank).__name__}: pass a list with one "
+            "[T, K] tensor of expert ids per rank"
+        )
+    for i, idx in enumerate(topk_indices_per_rank):
+        _check_expert_ids(idx, f"topk_indices_per_rank[{i}]", num_experts)
     if len(topk_indices_per_rank) != world_size:
         raise ValueError(
             f"topk_indices_per_rank has {len(topk_indices_per_rank)} entries: expected one per rank "
@@ -124,6 +160,16 @@ def a2a_bytes_formula(tokens: int, top_k: int, hidden_size: int, world_size: int
     Each of the tokens*top_k rows (hidden_size * elem_size bytes) lands on a uniformly random
     rank, so a fraction (W-1)/W leaves the rank. The combine sends the same amount back.
     """
+    for name, value in (
+        ("tokens", tokens),
+        ("top_k", top_k),
+        ("hidden_size", hidden_size),
+        ("elem_size", elem_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+            raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size <= 0:
+        raise ValueError(f"world_size={world_size!r} is not allowed: it must be a positive integer")
     return tokens * top_k * hidden_size * elem_size * (world_size - 1) / world_size
 
 
@@ -207,7 +253,32 @@ def all_to_all(
 ) -> Tensor:
     """Differentiable ``all_to_all_single`` with uneven splits: rows [sum(input_splits), ...] ->
     [sum(output_splits), ...]; rows input_splits[j] go to rank j. Failures raise ExpertParallelError.
+
+    Both split lists hold one non-negative int per rank of ``group`` and ``input_splits`` must add up
+    to ``x``'s rows; alone (world size 1) both must be ``[len(x)]``.
     """
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        got = "a 0-d tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+        raise TypeError(f"x is {got}: pass a tensor of rows [N, ...] to exchange")
+    _, world = _group_info(group)
+    splits = {"output_splits": output_splits, "input_splits": input_splits}
+    for name, value in splits.items():
+        ok = isinstance(value, Sequence) and not isinstance(value, str)
+        if not ok or len(value) != world or not all(isinstance(v, int) and v >= 0 for v in value):
+            raise ValueError(
+                f"{name}={value!r} is not allowed: it must be a list of {world} non-negative ints, "
+                f"one per rank of the group (world size {world})"
+            )
+    if sum(input_splits) != x.shape[0]:
+        raise ValueError(
+            f"input_splits={list(input_splits)!r} adds up to {sum(input_splits)} rows, but x has "
+            f"{x.shape[0]}: the splits must add up to x.shape[0]"
+        )
+    if world == 1 and list(output_splits) != list(input_splits):
+        raise ValueError(
+            f"output_splits={list(output_splits)!r} is not allowed with input_splits={list(input_splits)!r} "
+            "and no other rank: a rank alone receives exactly what it sends, so they must be equal"
+        )
     return _AllToAll.apply(x, list(output_splits), list(input_splits), group, what)
 
 
@@ -410,15 +481,38 @@ class EPMoE(nn.Module):
             grads[name] = g
         return grads
 
-    def forward(self, hidden_states: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, EPStats]:
-        """This rank's tokens [..., H] -> [..., H]; with ``return_stats`` also the EPStats."""
-        cfg, world, e_local = self.config, self.world_size, self.num_local
-        h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    def _check_input(self, hidden_states: Tensor) -> None:
+        """A floating [..., H] tensor on the weights' device and of their dtype, or a clear error."""
+        h = self.config.hidden_size
+        if not isinstance(hidden_states, Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != h:
             raise ValueError(
                 f"hidden_states has shape {tuple(hidden_states.shape)}: its last dimension must be "
                 f"hidden_size={h}"
             )
+        if not hidden_states.is_floating_point():
+            raise TypeError(
+                f"hidden_states has dtype {hidden_states.dtype}: a floating-point tensor is required "
+                "(token representations, not token ids)"
+            )
+        weight = self.experts.gate_up_proj
+        if hidden_states.device != weight.device:
+            raise ValueError(
+                f"hidden_states is on {hidden_states.device} but the layer's weights are on "
+                f"{weight.device}: move one of them (e.g. ep.to(hidden_states.device))"
+            )
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise ValueError(
+                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
+                f"{weight.dtype}: cast one of them (e.g. ep.to({hidden_states.dtype}))"
+            )
+
+    def forward(self, hidden_states: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, EPStats]:
+        """This rank's tokens [..., H] -> [..., H]; with ``return_stats`` also the EPStats."""
+        cfg, world, e_local = self.config, self.world_size, self.num_local
+        h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+        self._check_input(hidden_states)
         orig_shape = hidden_states.shape
         x = hidden_states.reshape(-1, h)  # [T, H]
         tokens = x.shape[0]
