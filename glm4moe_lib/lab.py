@@ -171,6 +171,26 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _check_offset(offset: Tensor | None, hidden_size: int, skew: float) -> None:
+    if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not math.isfinite(skew):
+        raise ValueError(f"skew={skew!r} is not allowed: it must be a finite number")
+    if offset is None:
+        return
+    if not isinstance(offset, Tensor):
+        raise TypeError(f"offset is a {type(offset).__name__}: pass a [hidden_size] tensor or None")
+    if offset.shape != (hidden_size,):
+        raise ValueError(f"offset has shape {tuple(offset.shape)}: expected [hidden_size] = [{hidden_size}]")
+    if not offset.is_floating_point():
+        raise TypeError(f"offset has dtype {offset.dtype}: a floating-point tensor is required")
+    if not bool(torch.isfinite(offset).all()):
+        raise ValueError("offset holds NaN or infinite values: every entry must be finite")
+    if skew != 0 and float(offset.norm()) == 0.0:
+        raise ValueError(
+            "offset is all zeros: it sets the direction the router is tilted along, so it must be "
+            "nonzero (pass offset=None, or skew=0, for no tilt)"
+        )
+
+
 def make_lab_moe(
     num_experts: int = 8,
     top_k: int = 2,
@@ -181,7 +201,11 @@ def make_lab_moe(
     offset: Tensor | None = None,
     seed: int = 0,
 ) -> MoE:
-    """A MoE layer (no shared expert) whose router starts rich-get-richer along ``offset``."""
+    """A MoE layer (no shared expert) whose router starts rich-get-richer along ``offset``.
+
+    ``offset`` is a nonzero, finite [hidden_size] direction (None: no tilt); ``skew`` a finite number.
+    """
+    _check_offset(offset, hidden_size, skew)
     torch.manual_seed(seed)
     config = MoEConfig(
         hidden_size=hidden_size,

@@ -14,6 +14,7 @@ ending in ``check_router(my_router)`` shows the verdict.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,12 +67,18 @@ def describe(value: Any) -> str:
         return f"a tensor of shape {list(value.shape)} and dtype {value.dtype}"
     if isinstance(value, tuple):
         return "a tuple (" + ", ".join(describe(v) for v in value) + ")"
-    return f"{type(value).__name__} {value!r}"[:120]
+    try:
+        text = repr(value)
+    except Exception:  # a learner's object whose repr is broken
+        text = "(no repr)"
+    return f"{type(value).__name__} {text}"[:120]
 
 
 def compare_values(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
     """None if ``got`` equals ``expected`` (tensors: same shape, close values), else why not."""
     if isinstance(expected, tuple):
+        if isinstance(got, list) and len(got) == len(expected):
+            return f"it should return a tuple of {len(expected)} values (`return a, b`), not a list"
         if not isinstance(got, tuple) or len(got) != len(expected):
             return f"it should return a tuple of {len(expected)} values, but returned {describe(got)}"
         for i, (g, e) in enumerate(zip(got, expected)):
@@ -96,12 +103,40 @@ def compare_values(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e
             return f"its values differ from the expected ones (largest difference {diff:.3g})"
         return None
     if isinstance(expected, float):
-        try:
-            ok = abs(float(got) - expected) <= atol + rtol * abs(expected)
-        except (TypeError, ValueError):
-            return f"it should return a number, but returned {describe(got)}"
-        return None if ok else f"it returned {float(got):.6g}, but {expected:.6g} is expected"
-    return None if got == expected else f"it returned {got!r}, but {expected!r} is expected"
+        number, why = as_number(got)
+        if why:
+            return why
+        ok = abs(float(number) - expected) <= atol + rtol * abs(expected)
+        return None if ok else f"it returned {float(number):.6g}, but {expected:.6g} is expected"
+    if isinstance(expected, numbers.Real) and not isinstance(expected, bool):
+        number, why = as_number(got)
+        if why:
+            return why
+        return None if number == expected else f"it returned {number!r}, but {expected!r} is expected"
+    try:
+        same = bool(got == expected)
+    except Exception:  # e.g. an array compared element by element
+        same = False
+    return None if same else f"it returned {describe(got)}, but {expected!r} is expected"
+
+
+def as_number(got: Any) -> tuple[Any, str | None]:
+    """``(number, None)`` when ``got`` is one real number (a Python or NumPy number, or a tensor or array
+    holding a single value), else ``(None, why not)`` in plain words."""
+    if isinstance(got, str):
+        return None, f"it returned the string {got!r}, but a number is expected: return the number, not text"
+    if isinstance(got, (Tensor, numbers.Number)) or (hasattr(got, "shape") and hasattr(got, "item")):
+        size = got.numel() if isinstance(got, Tensor) else int(getattr(got, "size", 1))
+        if size != 1:
+            return None, (
+                f"it returned {describe(got)} ({size} values), but one number is expected: return a "
+                "single value, e.g. a Python number (.item() of a one-element tensor gives it)"
+            )
+        if not isinstance(got, numbers.Number):
+            got = got.item()
+    if isinstance(got, (bool, complex)) or not isinstance(got, numbers.Real):
+        return None, f"it should return a number, but returned {describe(got)}"
+    return got, None
 
 
 def check_function(
@@ -128,7 +163,7 @@ def check_function(
         if got is None or got is Ellipsis:
             msg = f"⏳ {title}: {NOT_DONE} (your function returned {got!r}; did you forget `return`?)"
             return CheckResult(title, False, msg, status="not done")
-        why = compare(got, expected)
+        why = _safe_compare(compare, got, expected)
         if why is None:
             continue
         for mistake in mistakes:
@@ -136,12 +171,20 @@ def check_function(
                 wrong = mistake.fn(*_clone(case.args), **_clone(case.kwargs))
             except Exception:
                 continue
-            if compare(got, wrong) is None:
+            if _safe_compare(compare, got, wrong) is None:
                 msg = f"❌ {title}: on the case '{case.name}' {mistake.message}"
                 return CheckResult(title, False, msg)
         return CheckResult(title, False, f"❌ {title}: on the case '{case.name}' {why}.")
     msg = f"✅ {title}: correct on all {len(cases)} cases."
     return CheckResult(title, True, msg, status="passed")
+
+
+def _safe_compare(compare: Compare, got: Any, expected: Any) -> str | None:
+    """``compare(got, expected)``, with a plain-words verdict instead of a crash on an odd return value."""
+    try:
+        return compare(got, expected)
+    except Exception:
+        return f"it returned {describe(got)}, but {describe(expected)} is expected"
 
 
 def _clone(obj: Any) -> Any:

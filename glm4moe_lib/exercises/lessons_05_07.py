@@ -131,11 +131,7 @@ def _capacity(top_k_index: Tensor, num_experts: int, capacity_factor: float) -> 
 
 
 def _compare_ints(got: Any, expected: tuple[int, int]) -> str | None:
-    if isinstance(got, tuple) and len(got) == 2:
-        try:
-            got = (int(got[0]), int(got[1]))
-        except (TypeError, ValueError, RuntimeError):
-            pass
+    """Two counts; one-element tensors and 2.0 for 2 are fine, a string or a 2.5 is not."""
     return compare_values(got, expected)
 
 
@@ -214,10 +210,8 @@ def check_capacity(fn: Callable[..., Any]) -> CheckResult:
 
 
 def _compare_scalar(got: Any, expected: Any) -> str | None:
-    if isinstance(got, Tensor):
-        if got.numel() != 1:
-            return f"it should return one number (a 0-d tensor), but returned shape {list(got.shape)}"
-        got = float(got.detach())
+    if isinstance(got, Tensor) and got.numel() != 1:
+        return f"it should return one number (a 0-d tensor), but returned shape {list(got.shape)}"
     return compare_values(got, float(expected), atol=1e-6, rtol=1e-5)
 
 

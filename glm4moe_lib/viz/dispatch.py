@@ -34,11 +34,24 @@ __all__ = [
 
 
 def _check_index(top_k_index: Tensor, num_experts: int) -> None:
-    if not isinstance(top_k_index, Tensor) or top_k_index.dim() != 2:
-        shape = tuple(top_k_index.shape) if isinstance(top_k_index, Tensor) else type(top_k_index).__name__
-        raise ValueError(f"top_k_index has shape {shape}: expected [tokens, K]")
+    """A [tokens, K] integer tensor of expert ids in [0, num_experts), or a clear error."""
+    if not isinstance(top_k_index, Tensor):
+        raise TypeError(
+            f"top_k_index is a {type(top_k_index).__name__}: pass a [tokens, K] integer tensor of expert ids"
+        )
+    if top_k_index.dim() != 2:
+        raise ValueError(f"top_k_index has shape {tuple(top_k_index.shape)}: expected [tokens, K]")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
+        raise TypeError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
+    if top_k_index.numel():
+        lo, hi = int(top_k_index.min()), int(top_k_index.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(
+                f"top_k_index holds expert ids from {lo} to {hi}: they must lie in [0, {num_experts}) "
+                f"for num_experts={num_experts}"
+            )
 
 
 def capacity_drops(top_k_index: Tensor, num_experts: int, capacity_factor: float) -> tuple[int, int]:
@@ -52,7 +65,10 @@ def capacity_drops(top_k_index: Tensor, num_experts: int, capacity_factor: float
 
 def dropped_fraction(top_k_index: Tensor, num_experts: int, capacity_factors: Sequence[float]) -> list[float]:
     """Fraction of the T*K pairs dropped at each capacity factor."""
+    _check_index(top_k_index, num_experts)
     total = top_k_index.numel()
+    if total == 0:
+        raise ValueError(f"top_k_index has shape {tuple(top_k_index.shape)}: it holds no (token, slot) pairs")
     return [capacity_drops(top_k_index, num_experts, f)[1] / total for f in capacity_factors]
 
 
@@ -91,6 +107,13 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
     t, k = top_k_index.shape
     if t * k > 64:
         raise ValueError(f"top_k_index has {t * k} pairs: at most 64 fit in a readable picture")
+    if top_k_weights is not None and (
+        not isinstance(top_k_weights, Tensor) or top_k_weights.shape != top_k_index.shape
+    ):
+        got = (
+            tuple(top_k_weights.shape) if isinstance(top_k_weights, Tensor) else type(top_k_weights).__name__
+        )
+        raise ValueError(f"top_k_weights has shape {got}: expected the shape of top_k_index, {(t, k)}")
     plan = plan_dispatch(top_k_index.cpu(), num_experts)
     flat = to_numpy(top_k_index).reshape(-1).astype(int)  # [T*K]
     order = to_numpy(plan.order).astype(int)
