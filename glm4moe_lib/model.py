@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ from .moe import MoE
 from .router import RouterOutput
 
 __all__ = [
+    "IGNORE_INDEX",
     "MODEL_PRESETS",
     "Attention",
     "DecoderLayer",
@@ -55,6 +57,55 @@ __all__ = [
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {minimum}")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (int, float, numpy scalar), not a bool and not a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_positive_float(name: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not allowed: use True or False")
+
+
+def _check_ids_tensor(input_ids: Any) -> None:
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(
+            f"input_ids has shape {tuple(getattr(input_ids, 'shape', ()))} and dtype "
+            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}: expected a [batch, seq] int64 tensor"
+        )
+
+
+#: Label value that the loss skips (``F.cross_entropy``'s default ``ignore_index``).
+IGNORE_INDEX = -100
+
+
+def _check_token_ids(name: str, ids: Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
+    """ValueError naming the first id of ``ids`` outside [0, vocab_size) (``ignore_index`` allowed).
+
+    Two reductions (min, max) over the ids; the slow path that finds the offending value runs only
+    when one is out of range (or when ``ignore_index`` values are present).
+    """
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in ids.aminmax())
+    if lo >= 0 and hi < vocab_size:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if bad.any():
+        value = int(ids[bad][0])
+        allowed = f"[0, vocab_size={vocab_size})"
+        if ignore_index is not None:
+            allowed += f" or {ignore_index} (ignored by the loss)"
+        raise ValueError(f"{name} contains {value}: token ids must be in {allowed}")
 
 
 @dataclass
@@ -126,9 +177,10 @@ class ModelConfig:
                 )
         else:
             _check_int("head_dim", self.head_dim, 2)
-        if not 0 < self.partial_rotary_factor <= 1:
+        if not _is_number(self.partial_rotary_factor) or not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(
-                f"partial_rotary_factor={self.partial_rotary_factor!r} is not allowed: it must be in (0, 1]"
+                f"partial_rotary_factor={self.partial_rotary_factor!r} is not allowed: it must be a number "
+                "in (0, 1]"
             )
         if self.rotary_dim % 2 != 0 or self.rotary_dim == 0:
             raise ValueError(
@@ -136,8 +188,10 @@ class ModelConfig:
                 f"head_dim={self.get_head_dim}: head_dim * partial_rotary_factor must be a positive "
                 "even integer"
             )
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta={self.rope_theta!r} is not allowed: it must be > 0")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            _check_positive_float(name, getattr(self, name))
+        for name in ("attention_bias", "use_qk_norm", "tie_word_embeddings"):
+            _check_bool(name, getattr(self, name))
         if self.num_moe_layers > 0:
             self.moe_config()  # MoEConfig checks its own fields
 
@@ -442,18 +496,39 @@ class GLMMoEModel(nn.Module):
         labels: Tensor | None = None,
         return_routing: bool = False,
     ) -> ModelOutput:
-        """input_ids [B, S] int64 -> logits [B, S, V]; labels [B, S] (next tokens) give the loss."""
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(
-                f"input_ids has shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}: expected "
-                "a [batch, seq] int64 tensor"
-            )
+        """input_ids [B, S] int64 -> logits [B, S, V]; labels [B, S] (next tokens) give the loss.
+
+        Label value -100 (``IGNORE_INDEX``) leaves a position out of the loss.
+        """
+        _check_ids_tensor(input_ids)
         seq = input_ids.shape[1]
         if seq > self.config.max_position_embeddings:
             raise ValueError(
                 f"input_ids has seq length {seq}: at most max_position_embeddings="
                 f"{self.config.max_position_embeddings} is allowed"
             )
+        if labels is not None:
+            if (
+                not isinstance(labels, Tensor)
+                or labels.shape != input_ids.shape
+                or labels.dtype != torch.long
+            ):
+                raise ValueError(
+                    f"labels has shape {tuple(getattr(labels, 'shape', ()))} and dtype "
+                    f"{getattr(labels, 'dtype', type(labels).__name__)}: expected an int64 tensor of "
+                    f"input_ids' shape {tuple(input_ids.shape)}"
+                )
+            if labels.device != input_ids.device:
+                raise ValueError(
+                    f"labels is on device {labels.device}: it must be on input_ids' device {input_ids.device}"
+                )
+        # Id range checks: a min/max over the int64 ids, cheap for this tiny model. Only on CPU
+        # tensors: on an accelerator reading the result back would sync the device every step
+        # (training batches are checked by TrainConfig's vocab_size check, prompts by generate).
+        if input_ids.device.type == "cpu":
+            _check_token_ids("input_ids", input_ids, self.config.vocab_size)
+            if labels is not None:
+                _check_token_ids("labels", labels, self.config.vocab_size, IGNORE_INDEX)
         h = self.embed_tokens(input_ids)  # [B, S, H]
         pos = self.rotary_emb(seq, h.device, torch.float32)
         routing: list[RouterOutput | None] = []
@@ -463,7 +538,9 @@ class GLMMoEModel(nn.Module):
         logits = self.lm_head(self.norm(h)).float()  # [B, S, V]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
         return ModelOutput(logits, loss, routing if return_routing else None)
 
     @torch.no_grad()
@@ -475,9 +552,19 @@ class GLMMoEModel(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Append ``max_new_tokens`` sampled tokens to input_ids [B, S] (temperature 0: greedy)."""
+        """Append ``max_new_tokens`` sampled tokens to input_ids [B, S] (temperature 0: greedy).
+
+        The prompt needs at least one token; one longer than the context is cropped to its last
+        ``max_position_embeddings`` tokens.
+        """
+        _check_ids_tensor(input_ids)
+        if input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: a prompt needs at least one token (seq >= 1)"
+            )
+        _check_token_ids("input_ids", input_ids, self.config.vocab_size)  # once per call, any device
         _check_int("max_new_tokens", max_new_tokens, 0)
-        if not temperature >= 0 or math.isinf(temperature):
+        if not _is_number(temperature) or not temperature >= 0 or math.isinf(temperature):
             raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite number >= 0")
         if top_k is not None:
             _check_int("top_k", top_k, 1)

@@ -76,6 +76,11 @@ __all__ = [
 BALANCE_MODES = ("aux_loss_free", "aux_loss", "none")
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.json"
+CHECKPOINT_FORMAT = "glm4moe_lib.train/1"
+#: Metadata entries every checkpoint holds (all but "step" are JSON).
+CHECKPOINT_META_KEYS = ("step", "train_config", "model_config", "optim_param_groups", "scheduler", "metrics")
+#: Tensors every checkpoint holds besides the weights and optimizer state.
+CHECKPOINT_RNG_KEYS = ("rng.torch", "rng.loader")
 
 
 @dataclass
@@ -141,6 +146,11 @@ class TrainConfig:
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides={self.model_overrides!r} is not allowed: it must be a dict")
         cfg = self.model_config()
+        if cfg.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(
+                f"model_overrides vocab_size={cfg.vocab_size} is not allowed: the byte tokenizer's ids go "
+                f"up to {ByteTokenizer.vocab_size - 1}, so vocab_size must be >= {ByteTokenizer.vocab_size}"
+            )
         if self.seq_len > cfg.max_position_embeddings:
             raise ValueError(
                 f"seq_len={self.seq_len} is not allowed: it must be at most the model's "
@@ -366,7 +376,7 @@ def save_checkpoint(
     if torch.cuda.is_available():
         tensors["rng.cuda"] = _rng_tensor(torch.cuda.get_rng_state())
     meta = {
-        "format": "glm4moe_lib.train/1",
+        "format": CHECKPOINT_FORMAT,
         "step": str(step),
         "train_config": json.dumps(cfg.to_dict()),
         "model_config": json.dumps(model.config.to_dict()),
@@ -394,20 +404,44 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
         raise ValueError(
             f"checkpoint={str(path)!r} is corrupt or not a safetensors file ({type(exc).__name__}: {exc})"
         ) from None
-    if meta.get("format") != "glm4moe_lib.train/1":
+    if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"checkpoint={str(path)!r} is not a glm4moe_lib.train checkpoint (format="
-            f"{meta.get('format')!r}, expected 'glm4moe_lib.train/1')"
+            f"{meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
         )
+    missing = [k for k in CHECKPOINT_META_KEYS if k not in meta]
+    missing_tensors = [k for k in CHECKPOINT_RNG_KEYS if k not in tensors]
+    if missing or missing_tensors:
+        raise ValueError(
+            f"checkpoint={str(path)!r} is incomplete: it lacks metadata {missing} and tensors "
+            f"{missing_tensors} (a checkpoint written by glm4moe_lib.train has metadata "
+            f"{list(CHECKPOINT_META_KEYS)} and tensors {list(CHECKPOINT_RNG_KEYS)})"
+        )
+    for key in CHECKPOINT_META_KEYS:
+        try:
+            int(meta[key]) if key == "step" else json.loads(meta[key])
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise ValueError(
+                f"checkpoint={str(path)!r} is corrupt: its metadata {key!r} does not parse ({exc})"
+            ) from None
     return tensors, meta
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> GLMMoEModel:
     """The model stored in a checkpoint (weights and config), ready for evaluation or sampling."""
     tensors, meta = load_checkpoint(path)
-    model = GLMMoEModel(ModelConfig.from_dict(json.loads(meta["model_config"])))
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["model_config"]))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"checkpoint={str(path)!r} stores a model config that is not valid: {exc}") from None
+    model = GLMMoEModel(config)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"checkpoint={str(path)!r} holds weights that do not match its stored model config: {exc}"
+        ) from None
     return model.to(device)
 
 
@@ -424,6 +458,22 @@ class TrainResult:
 
 def _round(x: float) -> float:
     return float(f"{x:.6g}")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail before training, not after it, if ``out_dir`` cannot hold the run's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} is not allowed: it is an existing file, not a folder "
+            "(pass a folder, or a path that does not exist yet)"
+        )
+    parent = out_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} is not allowed: {str(parent)!r} on its path is a file, not a folder"
+        )
 
 
 def train(
@@ -445,6 +495,8 @@ def train(
     if device.type == "cpu":  # reuse freed gradient buffers instead of page-faulting new ones
         keep_freed_cpu_memory()
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    if out_dir is not None:
+        _check_out_dir(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir else None
     if resume is True:
         if ckpt_path is None:
