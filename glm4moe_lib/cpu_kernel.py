@@ -339,6 +339,32 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
     return f"the fused CPU kernel is {kernel_status()}"
 
 
+def check_kernel_tensors(*named: tuple[str, Tensor | None]) -> None:
+    """Clear errors for tensors the C kernel cannot read as they are (it reads raw float32 CPU memory:
+    any other dtype would be read wrongly, or past its end), and build the kernel if it is not yet.
+    For the public entry points that call the C code directly; ``None`` entries are skipped."""
+    tensors = []
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if type(t) not in _PLAIN or _is_wrapped(t):
+            raise ValueError(
+                f"{name} is a {type(t).__name__} under a transform or subclass: the fused kernel needs plain tensors"
+            )
+        if not t.is_cpu:
+            raise ValueError(f"{name} is on {t.device}: the fused kernel runs on the CPU only")
+        if t.dtype is not torch.float32:
+            raise ValueError(
+                f"{name} has dtype {t.dtype}: the fused kernel is float32 only (cast it with .float())"
+            )
+        tensors.append(t)
+    reason = unsupported(*(tensors[:1] * 3)) if tensors else None  # the global conditions, and the build
+    if reason is not None:
+        raise ValueError(f"the fused CPU kernel cannot run here: {reason}")
+
+
 def check_shapes(*named: tuple[str, Tensor | None, tuple[int, ...]], fit: Callable[[], str]) -> None:
     """Raise ValueError for the first ``(name, tensor, expected shape)`` whose shape differs.
 
@@ -583,10 +609,18 @@ def mlp_applies(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, act_fn) -> bo
 def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     """down @ (silu(gate @ x) * (up @ x)) for x [..., H] through the kernel (no autograd).
 
-    gate, up [I, H] and down [H, I] as ``nn.Linear`` weights; float32 on the CPU.
+    gate, up [I, H] and down [H, I] as ``nn.Linear`` weights; float32 on the CPU (checked: a
+    ValueError names what the kernel cannot take).
     """
-    shape = x.shape
+    check_kernel_tensors(("x", x), ("gate", gate), ("up", up), ("down", down))
     check_mlp_shapes(x, gate, up, down)
+    return mlp_call(x, gate, up, down)
+
+
+def mlp_call(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """:func:`swiglu_mlp` without its checks, for a caller that made them (``MLP.forward``, through
+    :func:`mlp_applies` and the shapes)."""
+    shape = x.shape
     inter = gate.shape[0]
     rows = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
     gate, up, down = gate.contiguous(), up.contiguous(), down.contiguous()
@@ -677,8 +711,15 @@ def layer_forward(
     one C call on one thread instead of some twenty torch ops (at one token those ops cost more
     than reading the weights). Returns None when two of a token's K+1 best choices tie (or one is
     not finite): torch's topk decides ties its own way, so then the caller routes with torch.
-    The caller checks :func:`unsupported` first (and :func:`layer_threads` for the speed). One thread.
+    Checks what the C code would read wrongly (dtypes, devices, shapes, routing parameters: a
+    ValueError names it); :func:`layer_threads` says whether it pays. One thread.
     """
+    shared_named = () if shared is None else tuple(zip(("shared gate", "shared up", "shared down"), shared))
+    check_kernel_tensors(
+        ("x", x), ("router_weight", router_weight), ("gate_up", gate_up), ("down", down), *shared_named
+    )
+    if bias is not None and not (isinstance(bias, Tensor) and bias.is_cpu and bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating-point CPU tensor or None, got {bias!r:.80}")
     check_expert_shapes(x, gate_up, down)
     num_experts, hidden, _ = down.shape
     check_routing_params(num_experts, top_k, n_group, topk_group)
@@ -912,6 +953,11 @@ def fused_cpu_dispatch(
         raise ValueError(f"strategy='fused_cpu' cannot run here: {reason}")
     check_expert_shapes(hidden_states, gate_up_proj, down_proj)
     tokens = hidden_states.shape[0]
+    if not (isinstance(top_k_index, Tensor) and top_k_index.dtype in (torch.int64, torch.int32)):
+        raise ValueError(
+            f"top_k_index has dtype {getattr(top_k_index, 'dtype', type(top_k_index).__name__)}: an integer "
+            "(int64) tensor of expert ids is required"
+        )
     if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or top_k_weights.shape != top_k_index.shape:
         raise ValueError(
             f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} must "

@@ -9,14 +9,29 @@ import torch
 _ALLOWED = ("auto", "cpu", "cuda", "mps")
 
 
-def pick_device(prefer: str | None = None) -> torch.device:
+def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     """Return the device every lesson uses: CUDA if present, else Apple MPS, else CPU.
 
     ``prefer`` (or the ``GLM4MOE_DEVICE`` environment variable) forces one of
-    "auto", "cpu", "cuda" or "mps"; asking for a device that is not available is an error rather
-    than a silent fallback.
+    "auto", "cpu", "cuda" (or "cuda:N") or "mps", or a ``torch.device``; asking for a device that is
+    not available is an error rather than a silent fallback.
     """
-    choice = (prefer or os.environ.get("GLM4MOE_DEVICE") or "auto").lower()
+    if isinstance(prefer, torch.device):
+        prefer = str(prefer)
+    if prefer is not None and (not isinstance(prefer, str) or not prefer.strip()):
+        raise ValueError(
+            f"device={prefer!r} is not allowed: use one of {_ALLOWED}, 'cuda:N' or a torch.device"
+        )
+    choice = (prefer or os.environ.get("GLM4MOE_DEVICE") or "auto").strip().lower()
+    if choice.startswith("cuda:"):
+        index = choice[5:]
+        if not index.isdigit():
+            raise ValueError(f"device={choice!r} is not allowed: 'cuda:N' needs a GPU number N")
+        if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={choice!r} was asked for, but torch finds {torch.cuda.device_count()} CUDA GPU(s) here"
+            )
+        return torch.device(choice)
     if choice not in _ALLOWED:
         raise ValueError(f"device={choice!r} is not allowed: use one of {_ALLOWED}")
     if choice == "auto":

@@ -73,7 +73,7 @@ class MLP(nn.Module):
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         cpu_kernel.check_mlp_shapes(x, *weights)  # a clear error, not one from inside a matmul
         if cpu_kernel.mlp_applies(x, *weights, self.act_fn) and self.plain_weights() is not None:
-            return cpu_kernel.swiglu_mlp(x, *weights)  # a few tokens, float32 CPU inference: one C call
+            return cpu_kernel.mlp_call(x, *weights)  # a few tokens, float32 CPU inference: one C call
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

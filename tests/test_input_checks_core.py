@@ -250,3 +250,89 @@ def test_a2a_bytes_formula_checks_world_size():
         a2a_bytes_formula(64, 8, 512, 0, 2)  # was a bare ZeroDivisionError
     with pytest.raises(ValueError, match="elem_size=-1 is not allowed"):
         a2a_bytes_formula(64, 8, 512, 4, -1)
+
+
+# ---- the C kernel's public entry points: dtypes it would read wrongly (a float16 MLP crashed the process)
+def _mlp(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    x, gate, up, down = (torch.randn(*s, generator=gen) for s in ((4, 64), (32, 64), (32, 64), (64, 32)))
+    return tuple(t.to(dtype) for t in (x, gate, up, down))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_swiglu_mlp_rejects_dtypes_the_kernel_cannot_read(dtype):
+    with pytest.raises(ValueError, match=f"x has dtype {dtype}: the fused kernel is float32 only"):
+        cpu_kernel.swiglu_mlp(*_mlp(dtype))
+    x, gate, up, down = _mlp()
+    with pytest.raises(ValueError, match=f"down has dtype {dtype}"):
+        cpu_kernel.swiglu_mlp(x, gate, up, down.to(dtype))
+
+
+def test_swiglu_mlp_matches_torch():
+    x, gate, up, down = _mlp()
+    ref = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    torch.testing.assert_close(cpu_kernel.swiglu_mlp(x, gate, up, down), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_forward_rejects_dtypes_the_kernel_cannot_read():
+    layer = MoE(MoEConfig())
+    shared = tuple(w.detach() for w in layer.shared_experts.plain_weights())
+    args = [
+        torch.randn(2, 64),
+        layer.gate.weight.detach(),
+        layer.gate.e_score_correction_bias,
+        layer.experts.gate_up_proj.detach(),
+        layer.experts.down_proj.detach(),
+        shared,
+    ]
+    for position, name in ((0, "x"), (1, "router_weight"), (3, "gate_up"), (4, "down")):
+        bad = list(args)
+        bad[position] = bad[position].double()
+        with pytest.raises(ValueError, match=f"{name} has dtype torch.float64"):
+            cpu_kernel.layer_forward(*bad, 2)
+    bad = list(args)
+    bad[5] = tuple(w.half() for w in shared)
+    with pytest.raises(ValueError, match="shared gate has dtype torch.float16"):
+        cpu_kernel.layer_forward(*bad, 2)
+    out = cpu_kernel.layer_forward(*args, 2)[0]
+    torch.testing.assert_close(out, layer(args[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_entry_points_build_the_kernel_in_a_fresh_process():
+    # a first direct call used to fail with "'NoneType' object has no attribute 'mlp_forward'"
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from glm4moe_lib import cpu_kernel as ck\n"
+        "x, g, u, d = torch.randn(4, 64), torch.randn(32, 64), torch.randn(32, 64), torch.randn(64, 32)\n"
+        "print(ck.swiglu_mlp(x, g, u, d).shape)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if cpu_kernel.load_kernel() is None:
+        assert run.returncode != 0 and "fused CPU kernel cannot run here" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert "torch.Size([4, 64])" in run.stdout
+
+
+def test_fused_cpu_dispatch_rejects_float_ids():
+    x, idx, w, ex = _batch()
+    with pytest.raises(ValueError, match="top_k_index has dtype torch.float32: an integer"):
+        cpu_kernel.fused_cpu_dispatch(x, idx.float() + 0.9, w, ex.gate_up_proj, ex.down_proj)
+
+
+# ---- pick_device --------------------------------------------------------------------------------------
+def test_pick_device_arguments():
+    from glm4moe_lib.device import pick_device
+
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")  # was AttributeError (.lower)
+    assert pick_device(" CPU ") == torch.device("cpu")
+    for bad in ("", 0, "tpu"):
+        with pytest.raises(ValueError, match="is not allowed"):
+            pick_device(bad)
+    with pytest.raises(ValueError, match="'cuda:x' is not allowed"):
+        pick_device("cuda:x")
+    with pytest.raises(ValueError, match="'cuda:99' was asked for, but torch finds"):
+        pick_device("cuda:99")
