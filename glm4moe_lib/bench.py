@@ -42,6 +42,8 @@ import argparse
 import itertools
 import json
 import math
+import numbers
+import os
 import platform
 import statistics
 import time
@@ -81,6 +83,61 @@ LOOPS_BWD_MAX_TOKENS = 1
 SKEW_BIAS = 0.5
 SKEW_DECAY = 8.0
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench"
+#: the device types the benchmark runs on
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+# ---- argument checks -----------------------------------------------------------------------------
+def _check_int(name: str, value: Any, low: int, high: int | None = None, what: str = "") -> int:
+    """``value`` as an int if it is one (not a bool) in [low, high], else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} is not allowed: it must be an int{what}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}{what}")
+    return int(value)
+
+
+def _check_seconds(name: str, value: Any, allow_zero: bool = False) -> float:
+    """``value`` as a float if it is a finite number of seconds > 0 (>= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} is not allowed: it must be a number of seconds")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number of seconds {bound}")
+    return float(value)
+
+
+def _check_choices(name: str, values: Any, allowed: Sequence[str]) -> tuple[str, ...]:
+    """``values`` (a list or tuple of names) as a tuple, each one of ``allowed``."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"{name}={values!r} is not allowed: it must be a list or tuple of names from {tuple(allowed)}"
+        )
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"{name} contains {v!r}: use one of {tuple(allowed)}")
+    return tuple(values)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device the benchmark can run on ("cpu", "cuda" or "cuda:N", present here)."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device={device!r} is not allowed: it must be a string such as 'cpu' or 'cuda'")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ValueError(f"device={str(device)!r} is not allowed: use one of {DEVICE_TYPES} (or 'cuda:N')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} is not allowed: CUDA is not available here (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(device)!r} is not allowed: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
 
 
 # ---- the contenders ------------------------------------------------------------------------------
@@ -178,6 +235,11 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _check_config(config: Any) -> None:
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, not {type(config).__name__}")
+
+
 def layer_flops(config: MoEConfig, tokens: int, backward: bool = False) -> int:
     """The active FLOPs of one layer call on ``tokens`` tokens, as dense GEMMs.
 
@@ -185,6 +247,8 @@ def layer_flops(config: MoEConfig, tokens: int, backward: bool = False) -> int:
     routed rows through their expert's three [H, I] matrices; 2 FLOPs per multiply-add. With
     ``backward`` each GEMM also runs its two backward GEMMs (input and weight gradients): x3.
     """
+    _check_config(config)
+    tokens = _check_int("tokens", tokens, 0)
     h, i = config.hidden_size, config.moe_intermediate_size
     e, k = config.n_routed_experts, config.num_experts_per_tok
     forward = 2 * tokens * (h * e + 3 * h * config.shared_intermediate_size + k * 3 * h * i)
@@ -195,6 +259,9 @@ def layer_bytes(config: MoEConfig, touched: int, elem_size: int, backward: bool 
     """The bytes of weights one layer call must read: the router, the shared expert and each of
     the ``touched`` routed experts (those that got at least one token) once. With ``backward``
     each of those weights' gradients is also written once: x2."""
+    _check_config(config)
+    touched = _check_int("touched", touched, 0, config.n_routed_experts, " (experts with a token, at most E)")
+    elem_size = _check_int("elem_size", elem_size, 1, what=" (bytes per weight, e.g. 4 for fp32)")
     h, i = config.hidden_size, config.moe_intermediate_size
     weights = config.n_routed_experts * h + 3 * h * config.shared_intermediate_size + touched * 3 * h * i
     return weights * elem_size * (2 if backward else 1)
@@ -436,6 +503,16 @@ def time_interleaved(
     """
     if clock not in CLOCKS:
         raise ValueError(f"clock={clock!r} is not allowed: use one of {sorted(CLOCKS)}")
+    if not isinstance(steps, dict) or not steps:
+        raise ValueError(f"steps={steps!r} is not allowed: it must be a non-empty dict of name -> callable")
+    for name, step in steps.items():
+        if not callable(step):
+            raise TypeError(
+                f"steps[{name!r}] is not allowed: it must be a callable, not {type(step).__name__}"
+            )
+    repeats = _check_int("repeats", repeats, 1)
+    min_sample_s = _check_seconds("min_sample_s", min_sample_s, allow_zero=True)
+    device = torch.device(device)
     if clock == "cpu" and device.type != "cpu":
         raise ValueError("clock='cpu' is not allowed on an accelerator: GPU time is not CPU time")
     now = CLOCKS[clock]
@@ -517,6 +594,9 @@ def overlap_probe(
             f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} must be [E, 2I, H] and [E, H, I]"
         )
     experts = gate_up.shape[0]
+    top_k = _check_int("top_k", top_k, 1, experts, f" (experts per token, at most experts={experts})")
+    if hot_experts is not None:
+        _check_int("hot_experts", hot_experts, 1)
     hot = top_k if hot_experts is None else hot_experts
     if not top_k <= hot <= experts:
         raise ValueError(
@@ -534,10 +614,10 @@ def overlap_probe(
                 f"tokens_per_expert has {n!r}: each must be a positive int n with experts * n ({experts} * n) "
                 f"and hot_experts * n ({hot} * n) multiples of top_k={top_k}"
             )
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} is not allowed: at least 1")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} is not allowed: at least 1 (or None: torch's current count)")
+    repeats = _check_int("repeats", repeats, 1)
+    min_sample_s = _check_seconds("min_sample_s", min_sample_s, allow_zero=True)
+    if threads is not None:
+        _check_int("threads", threads, 1, what=" (or None: torch's current count)")
     before = torch.get_num_threads()
     try:
         if threads is not None:
@@ -609,8 +689,31 @@ def run(
     ``modes``: default all of MODES on a CPU; on a GPU not ``decode``, whose copies of every
     contender would take DECODE_COPIES times the memory (ask for it by name).
     """
+    # every argument is checked before anything is built or timed
     config = config or PRESETS["bench"]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_config(config)
+    device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+        raise TypeError(
+            f"tokens={tokens!r} is not allowed: it must be a list or tuple of token counts (ints >= 0)"
+        )
+    tokens = tuple(_check_int("tokens", t, 0, what=" (a token count)") for t in tokens)
+    routings = _check_choices("routings", routings, ROUTINGS)
+    if modes is not None:
+        modes = _check_choices("modes", modes, MODES)
+    if isinstance(strategies, str) or not isinstance(strategies, (list, tuple)):
+        raise TypeError(
+            f"strategies={strategies!r} is not allowed: it must be a list or tuple of strategy names"
+        )
+    hf_impls = _check_choices("hf_impls", hf_impls, HF_IMPLS)
+    repeats = _check_int("repeats", repeats, 1)
+    min_sample_s = _check_seconds("min_sample_s", min_sample_s)
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r} is not allowed: use one of {sorted(CLOCKS)}")
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError("clock='cpu' is not allowed on an accelerator: GPU time is not CPU time")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r} is not allowed: it must be a floating torch.dtype (or None)")
     malloc = "default"
     if device.type == "cpu" and keep_cpu_memory and keep_freed_cpu_memory():
         malloc = "keep freed blocks (glibc mallopt)"
@@ -814,6 +917,11 @@ def _row_line(row: dict[str, Any]) -> str:
 
 def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) -> str:
     """One markdown table: rows (routing, mode, T), columns the contenders' ratio to the limit."""
+    if not isinstance(results, dict) or not {"results", "meta"} <= results.keys():
+        got = sorted(results) if isinstance(results, dict) else type(results).__name__
+        raise ValueError(
+            f"results is not allowed: it must be what run() returns, a dict with 'results' and 'meta' (got {got})"
+        )
     rows = results["results"]
     if names is None:
         names = []
@@ -850,22 +958,65 @@ def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) 
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def _arg_int(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``low``, else a clean ``error:`` naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: it must be >= {low}")
+        return value
+
+    return parse
+
+
+def _arg_seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds > 0."""
+    try:
+        return _check_seconds("seconds", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed: it must be a finite number of seconds > 0"
+        ) from None
+
+
+def _arg_device(text: str) -> torch.device:
+    """An argparse ``type``: a device the benchmark can run on (see :func:`parse_device`)."""
+    try:
+        return parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m glm4moe_lib.bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--quick", action="store_true", help=f"T in {QUICK_TOKENS}, fewer repeats, no decode rows (seconds)"
     )
-    p.add_argument("--tokens", type=int, nargs="+", help="token counts (default: all or quick)")
+    p.add_argument("--tokens", type=_arg_int(0), nargs="+", help="token counts (default: all or quick)")
     p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=None)
-    p.add_argument("--strategies", nargs="+", default=None, help="library strategies to time")
-    p.add_argument("--hf", nargs="*", default=None, help="transformers implementations (none: skip)")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=("auto", *sorted(STRATEGIES)),
+        default=None,
+        help="library strategies to time",
+    )
+    p.add_argument(
+        "--hf", nargs="*", choices=HF_IMPLS, default=None, help="transformers implementations (none: skip)"
+    )
     p.add_argument("--preset", default="bench", choices=sorted(PRESETS))
-    p.add_argument("--device", default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", type=_arg_device, default=None, help=f"one of {DEVICE_TYPES} (or cuda:N)")
+    p.add_argument("--repeats", type=_arg_int(1), default=None)
+    p.add_argument(
+        "--threads", type=_arg_int(1), default=None, help="torch.set_num_threads (default: torch's)"
+    )
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall or process CPU time")
-    p.add_argument("--min-sample", type=float, default=None, help="seconds per timed sample")
+    p.add_argument("--min-sample", type=_arg_seconds, default=None, help="seconds per timed sample (> 0)")
     p.add_argument(
         "--malloc",
         choices=("keep", "default"),
@@ -877,7 +1028,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     args = p.parse_args(argv)
     quick = args.quick
-    if args.threads:
+    if not args.no_save:  # before the run: a place the results cannot be written fails now, not after
+        folder = (args.out or RESULTS_DIR / "results.json").parent
+        for f in (folder, *folder.parents):
+            if f.exists() and not f.is_dir():
+                p.error(f"--out {str(args.out)!r} is not allowed: {str(f)!r} is a file, not a folder")
+        if args.out is not None and args.out.is_dir():
+            p.error(f"--out {str(args.out)!r} is not allowed: it is a folder; name the JSON file to write")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            p.error(f"--out {str(args.out)!r} is not allowed: cannot create {str(folder)!r} ({exc.strerror})")
+        if not os.access(folder, os.W_OK):
+            p.error(f"--out {str(args.out)!r} is not allowed: the folder {str(folder)!r} is not writable")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = run(
         tokens=args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS),
@@ -888,9 +1052,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         strategies=args.strategies
         or (("auto", "loop", "sorted", "gather_bmm", "padded") if quick else LIB_STRATEGIES),
         hf_impls=HF_IMPLS if args.hf is None else args.hf,
-        repeats=args.repeats or (3 if quick else 5),
+        repeats=args.repeats if args.repeats is not None else (3 if quick else 5),
         clock=args.clock,
-        min_sample_s=args.min_sample or (0.005 if quick else 0.01),
+        min_sample_s=args.min_sample if args.min_sample is not None else (0.005 if quick else 0.01),
         keep_cpu_memory=args.malloc == "keep",
         compile_layer=not args.no_compile,
     )

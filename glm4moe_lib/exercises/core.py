@@ -14,6 +14,7 @@ ending in ``check_router(my_router)`` shows the verdict.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -187,8 +188,13 @@ def _safe_compare(compare: Compare, got: Any, expected: Any) -> str | None:
         return f"it returned {describe(got)}, but {describe(expected)} is expected"
 
 
+#: values handed to a learner's function as they are: nothing in them can be changed in place
+_IMMUTABLE = (numbers.Number, str, bytes, type(None), torch.dtype, torch.device)
+
+
 def _clone(obj: Any) -> Any:
-    """Copies of tensors, so a learner function that edits its inputs in place cannot fool a check."""
+    """Copies of the arguments, so a learner function that edits its inputs in place can neither fool
+    a check nor change shared objects for the rest of the session (a preset's config, a layer)."""
     if isinstance(obj, Tensor):
         return obj.clone()
     if isinstance(obj, tuple):
@@ -198,4 +204,9 @@ def _clone(obj: Any) -> Any:
         return [_clone(o) for o in obj]
     if isinstance(obj, dict):
         return {k: _clone(v) for k, v in obj.items()}
-    return obj
+    if isinstance(obj, _IMMUTABLE) or callable(obj) and not isinstance(obj, torch.nn.Module):
+        return obj
+    try:  # a config (dataclass), a layer (nn.Module), ...: the learner gets its own copy
+        return copy.deepcopy(obj)
+    except Exception:  # an object that cannot be copied: hand over the original
+        return obj

@@ -51,9 +51,30 @@ def strip_solutions(source: str) -> str:
     return "\n".join(out)
 
 
+def read_notebook(path: Path) -> nbformat.NotebookNode:
+    """The notebook at ``path``; a missing, unreadable or invalid file raises a ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"notebook {str(path)!r} {why}: name an existing .ipynb file")
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as exc:  # not JSON, not a notebook, not readable
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ValueError(
+            f"notebook {str(path)!r} could not be read as a Jupyter notebook ({type(exc).__name__}: {first})"
+        ) from None
+
+
 def make_learner_notebook(src: Path, dst: Path) -> int:
     """Write the learner version of ``src`` to ``dst``; return how many solutions were stubbed."""
-    nb = nbformat.read(src, as_version=4)
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(
+            f"dst={str(dst)!r} is not allowed: it is the source notebook {str(src)!r}, whose solutions "
+            "would be overwritten by stubs; write the learner version somewhere else"
+        )
+    nb = read_notebook(src)
     count = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -80,6 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("no notebooks found: run this from the repository root or name them", file=sys.stderr)
         return 2
+    # check everything before writing anything: no output may land on an input notebook
+    for folder in (args.out, *args.out.parents):
+        if folder.exists() and not folder.is_dir():
+            parser.error(f"--out {str(args.out)!r} is not allowed: {str(folder)!r} is a file, not a folder")
+    inputs = {p.resolve(): p for p in paths}
+    for path in paths:
+        dst = args.out / path.name
+        if dst.resolve() in inputs:
+            parser.error(
+                f"--out {str(args.out)!r} is not allowed: it would write {str(dst)!r} over the input notebook "
+                f"{str(inputs[dst.resolve()])!r} and lose its solutions; choose another folder "
+                "(default notebooks/learner)"
+            )
+        if dst.is_dir():
+            parser.error(f"--out {str(args.out)!r} is not allowed: {str(dst)!r} is a folder, not a file")
+        try:
+            read_notebook(path)
+        except ValueError as exc:
+            parser.error(str(exc))
     for path in paths:
         n = make_learner_notebook(path, args.out / path.name)
         print(f"{path} -> {args.out / path.name} ({n} exercise(s) stubbed)")
