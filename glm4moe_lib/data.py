@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +48,11 @@ def default_data_dir() -> Path:
 
 def load_corpus(path: str | Path | None = None) -> dict[str, str]:
     """Read every domain's text and check its size and SHA-256 against ``manifest.json``."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path={path!r} is not allowed: it must be a folder path (str or os.PathLike) or None "
+            "for the default corpus"
+        )
     root = Path(path) if path is not None else default_data_dir()
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
@@ -57,15 +64,27 @@ def load_corpus(path: str | Path | None = None) -> dict[str, str]:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
         domains = list(manifest["domains"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ValueError(
             f"manifest={str(manifest_path)!r} is not a valid corpus manifest ({exc}): regenerate it "
             "with `python data/make_corpus.py`"
         ) from None
     texts: dict[str, str] = {}
     for domain in domains:
-        info = files[domain]
-        file = root / info["file"]
+        info = files.get(domain) if isinstance(files, dict) else None
+        if not isinstance(info, dict):
+            raise ValueError(
+                f"manifest={str(manifest_path)!r} is not a valid corpus manifest: it lists domain "
+                f"{domain!r} but has no entry files[{domain!r}]; regenerate it with `python data/make_corpus.py`"
+            )
+        missing = [k for k in ("file", "bytes", "sha256") if k not in info]
+        if missing:
+            raise ValueError(
+                f"manifest={str(manifest_path)!r} is not a valid corpus manifest: files[{domain!r}] lacks "
+                f"the key(s) {missing} (each entry needs 'file', 'bytes' and 'sha256'); regenerate it "
+                "with `python data/make_corpus.py`"
+            )
+        file = root / str(info["file"])
         if not file.is_file():
             raise ValueError(
                 f"corpus file {str(file)!r} (domain {domain!r}) is missing: regenerate it with "
@@ -79,7 +98,13 @@ def load_corpus(path: str | Path | None = None) -> dict[str, str]:
                 f"the manifest expects {info['sha256'][:16]}... ({info['bytes']} bytes); regenerate "
                 "it with `python data/make_corpus.py`"
             )
-        texts[domain] = raw.decode("utf-8")
+        try:
+            texts[domain] = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"corpus file {str(file)!r} (domain {domain!r}) is not valid UTF-8: bad byte at offset "
+                f"{exc.start} ({exc.reason}); regenerate it with `python data/make_corpus.py`"
+            ) from None
     return texts
 
 
@@ -90,20 +115,50 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> Tensor:
         """str -> int64 tensor [N]."""
+        if not isinstance(text, str):
+            hint = " (decode bytes to str first)" if isinstance(text, (bytes, bytearray)) else ""
+            raise TypeError(
+                f"text={reprlib.repr(text)} of type {type(text).__name__} is not allowed: it must be a str{hint}"
+            )
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """Token ids -> str (an incomplete UTF-8 sequence becomes the replacement character)."""
         if isinstance(ids, Tensor):
+            if (
+                ids.dim() > 1
+                or ids.dtype.is_floating_point
+                or ids.dtype.is_complex
+                or ids.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"ids is a {ids.dtype} tensor of shape {tuple(ids.shape)}: it must be a 1-D integer "
+                    "tensor of byte tokens"
+                )
             ids = ids.tolist()
-        bad = [i for i in ids if not 0 <= int(i) < 256]
+        elif not isinstance(ids, (list, tuple)):
+            raise TypeError(
+                f"ids of type {type(ids).__name__} is not allowed: pass a list or 1-D tensor of ints"
+            )
+        nonint = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
+        if nonint:
+            raise TypeError(f"ids contains {nonint[0]!r}: byte tokens must be integers in [0, 256)")
+        bad = [i for i in ids if not 0 <= i < 256]
         if bad:
             raise ValueError(f"ids contains {bad[0]!r}: byte tokens must be in [0, 256)")
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(ids).decode("utf-8", errors="replace")
 
     def token_str(self, token_id: int) -> str:
         """A printable form of one byte (for per-token displays)."""
-        c = bytes([int(token_id)]).decode("latin-1")
+        try:
+            i = operator.index(token_id)
+        except TypeError:
+            i = None
+        if i is None or isinstance(token_id, bool):
+            raise TypeError(f"token_id={token_id!r} is not allowed: it must be an integer in [0, 256)")
+        if not 0 <= i < 256:
+            raise ValueError(f"token_id={i!r} is not allowed: byte tokens must be in [0, 256)")
+        c = bytes([i]).decode("latin-1")
         return {"\n": "⏎", "\t": "⇥"}.get(c, c)
 
 
@@ -143,6 +198,23 @@ class Batch(NamedTuple):
 
 
 def _check_sizes(data: dict[str, Tensor], batch_size: int, seq_len: int) -> None:
+    if not isinstance(data, dict):
+        raise TypeError(
+            f"data of type {type(data).__name__} is not allowed: it must be a dict domain -> 1-D token tensor"
+        )
+    if not data:
+        raise ValueError("data={} is not allowed: it must hold at least one domain's tokens")
+    for domain, ids in data.items():
+        if not isinstance(ids, Tensor):
+            raise TypeError(
+                f"data[{domain!r}] of type {type(ids).__name__} is not allowed: it must be a 1-D integer "
+                "tensor of token ids"
+            )
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(
+                f"data[{domain!r}] is a {ids.dtype} tensor of shape {tuple(ids.shape)}: it must be a 1-D "
+                "integer tensor of token ids"
+            )
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
@@ -193,6 +265,8 @@ class BatchLoader:
 def eval_batches(data: dict[str, Tensor], batch_size: int, seq_len: int, n_batches: int) -> list[Batch]:
     """A fixed evaluation set: evenly spaced windows of every domain, domains interleaved by row."""
     _check_sizes(data, batch_size, seq_len)
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"n_batches={n_batches!r} is not allowed: it must be a positive integer")
     domains = list(data)
     rows = batch_size * n_batches
     per_domain = -(-rows // len(domains))

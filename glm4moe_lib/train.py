@@ -74,6 +74,17 @@ __all__ = [
 ]
 
 BALANCE_MODES = ("aux_loss_free", "aux_loss", "none")
+#: TrainConfig fields that hold real numbers.
+_FLOAT_FIELDS = (
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "aux_loss_coef",
+    "bias_update_rate",
+)
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.json"
 CHECKPOINT_FORMAT = "glm4moe_lib.train/1"
@@ -119,6 +130,28 @@ class TrainConfig:
         """Raise ValueError naming the first field whose value is not allowed."""
         from .model import MODEL_PRESETS
 
+        for name in ("preset", "balance", "device"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise TypeError(f"{name}={v!r} is not allowed: it must be a str")
+        for name in ("dense", "progress"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}={v!r} is not allowed: it must be True or False")
+        for name in ("out_dir", "data_dir"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise TypeError(
+                    f"{name}={v!r} is not allowed: it must be a folder path (str or os.PathLike) or None"
+                )
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(
+                    f"{name}={v!r} is not allowed: it must be a number (int or float), not {type(v).__name__}"
+                )
+            if not math.isfinite(v):
+                raise ValueError(f"{name}={v!r} is not allowed: it must be a finite number")
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"preset={self.preset!r} is not known: use one of {sorted(MODEL_PRESETS)}")
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
@@ -156,6 +189,19 @@ class TrainConfig:
                 f"seq_len={self.seq_len} is not allowed: it must be at most the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
+
+    #: Fields a resumed run may change: the run length (not below the saved step), where files go,
+    #: how often to evaluate and checkpoint, the device and the progress bar. Everything else must
+    #: match the checkpoint, since resuming continues the saved run.
+    RESUME_MAY_CHANGE = (
+        "steps",
+        "out_dir",
+        "data_dir",
+        "eval_interval",
+        "checkpoint_interval",
+        "device",
+        "progress",
+    )
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig this run trains (the dense twin if ``dense``)."""
@@ -244,6 +290,9 @@ def collect_routing(
     Returns (topk_indices per MoE layer [T, K], token domain ids [T], per-token losses [T] as a
     one-element list, token ids [T]), with T = all tokens of all batches, in order.
     """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: pass at least one Batch (see glm4moe_lib.data.eval_batches)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -277,11 +326,25 @@ def specialization_matrix(topk_indices: Tensor, domain_ids: Tensor, n_domains: i
     topk_indices [T, K] int64, domain_ids [T] int64. Each row sums to 1 (0 for a domain with no
     tokens); a uniform router gives 1/E everywhere.
     """
+    for name, v in (("n_domains", n_domains), ("n_experts", n_experts)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} is not allowed: it must be a positive integer")
+    for name, t in (("topk_indices", topk_indices), ("domain_ids", domain_ids)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} of type {type(t).__name__} is not allowed: it must be an integer tensor")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} is a {t.dtype} tensor: it must hold integer ids")
     if topk_indices.dim() != 2 or domain_ids.shape != topk_indices.shape[:1]:
         raise ValueError(
             f"topk_indices has shape {tuple(topk_indices.shape)} and domain_ids {tuple(domain_ids.shape)}: "
             "expected [T, K] and [T]"
         )
+    for name, t, n in (("topk_indices", topk_indices, n_experts), ("domain_ids", domain_ids, n_domains)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+            limit = "n_experts" if name == "topk_indices" else "n_domains"
+            raise ValueError(f"{name} contains {bad}: ids must be in [0, {limit}={n})")
+    topk_indices, domain_ids = topk_indices.long(), domain_ids.long()
     k = topk_indices.shape[1]
     dom = domain_ids[:, None].expand(-1, k).reshape(-1)  # [T*K]
     flat = dom * n_experts + topk_indices.reshape(-1)  # [T*K] index into D*E cells
@@ -292,11 +355,25 @@ def specialization_matrix(topk_indices: Tensor, domain_ids: Tensor, n_domains: i
 def domain_expert_information(matrix: Tensor) -> float:
     """Mutual information (bits) between a pick's domain and its expert, domains weighted equally.
 
-    ``matrix`` [D, E] is a specialization matrix (rows sum to 1). 0 bits: every domain uses the
-    experts alike; log2(D) bits: the expert alone tells which domain a token came from.
+    ``matrix`` [D, E] is a specialization matrix (rows sum to 1) or a matrix of pick counts: each
+    row is normalised to sum to 1, and all-zero rows (domains without tokens) are left out. 0 bits:
+    every domain uses the experts alike; log2(D) bits: the expert alone tells which domain a token
+    came from.
     """
-    m = torch.as_tensor(matrix, dtype=torch.float64)
+    try:
+        m = torch.as_tensor(matrix, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"matrix is not allowed: it must be a [D, E] tensor of numbers ({exc})") from None
+    if m.dim() != 2 or m.numel() == 0:
+        raise ValueError(f"matrix has shape {tuple(m.shape)}: it must be a non-empty 2-D [D, E] matrix")
+    if not torch.isfinite(m).all():
+        raise ValueError("matrix contains NaN or infinite values: it must hold finite numbers")
+    if (m < 0).any():
+        raise ValueError(f"matrix contains {float(m.min())}: its entries must be >= 0")
+    if not m.sum() > 0:
+        raise ValueError("matrix sums to 0: at least one domain must have picks")
     m = m[m.sum(1) > 0]
+    m = m / m.sum(1, keepdim=True)
 
     def entropy(p: Tensor) -> Tensor:
         return -(p * p.clamp_min(1e-30).log2()).sum(-1)
@@ -307,7 +384,14 @@ def domain_expert_information(matrix: Tensor) -> float:
 @torch.no_grad()
 def evaluate(model: GLMMoEModel, batches: Sequence[Batch], domains: Sequence[str]) -> dict[str, Any]:
     """Validation loss (overall and per domain), per-layer expert load, MaxVio and specialization."""
+    if isinstance(domains, str) or not all(isinstance(d, str) for d in domains):
+        raise TypeError(f"domains={domains!r} is not allowed: it must be a sequence of domain names (str)")
     indices, dom, (losses,), _ = collect_routing(model, batches)
+    if dom.numel() and int(dom.max()) >= len(domains):
+        raise ValueError(
+            f"domains={list(domains)!r} is not allowed: it names {len(domains)} domain(s) but the batches "
+            f"hold domain ids up to {int(dom.max())}; pass one name per domain of the data the batches came from"
+        )
     result: dict[str, Any] = {"val_loss": float(losses.mean())}
     result["val_loss_per_domain"] = {
         name: float(losses[dom == d].mean()) for d, name in enumerate(domains) if (dom == d).any()
@@ -491,6 +575,10 @@ def train(
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg={type(cfg).__name__} is not allowed: pass a TrainConfig (see train_preset)")
     cfg.validate()
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+    ):
+        raise ValueError(f"stop_after={stop_after!r} is not allowed: it must be a positive integer or None")
     device = _resolve_device(cfg.device)
     if device.type == "cpu":  # reuse freed gradient buffers instead of page-faulting new ones
         keep_freed_cpu_memory()
@@ -524,12 +612,25 @@ def train(
     if resume:
         tensors, meta = load_checkpoint(resume)
         saved_cfg = json.loads(meta["train_config"])
-        for key in ("preset", "model_overrides", "dense", "batch_size", "seq_len", "seed"):
-            if saved_cfg.get(key) != getattr(cfg, key):
-                raise ValueError(
-                    f"resume={str(resume)!r} does not fit this run: its {key}={saved_cfg.get(key)!r} "
-                    f"but the config has {key}={getattr(cfg, key)!r}"
-                )
+        saved_step = int(meta["step"])
+        now = json.loads(json.dumps(cfg.to_dict()))  # compare as stored (tuples become lists, ...)
+        differ = [
+            k
+            for k in now
+            if k in saved_cfg and k not in TrainConfig.RESUME_MAY_CHANGE and saved_cfg[k] != now[k]
+        ]
+        if differ:
+            both = ", ".join(f"its {k}={saved_cfg[k]!r} but the config has {k}={now[k]!r}" for k in differ)
+            raise ValueError(
+                f"resume={str(resume)!r} does not fit this run: {both}. Resuming continues the saved run, "
+                f"so only {list(TrainConfig.RESUME_MAY_CHANGE)} may change: pass the same values, or "
+                "start a new run (no resume, another out_dir)"
+            )
+        if cfg.steps < saved_step:
+            raise ValueError(
+                f"steps={cfg.steps} is not allowed: resume={str(resume)!r} is already at step {saved_step}; "
+                f"pass steps >= {saved_step} to continue it"
+            )
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             model.load_state_dict(state)
@@ -547,7 +648,8 @@ def train(
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         metrics = json.loads(meta["metrics"])
-        start = int(meta["step"])
+        metrics["train_config"] = cfg.to_dict()  # the config this run goes on with (steps may grow)
+        start = saved_step
         last_good = Path(resume)
 
     moe_layers = model.moe_layers()
@@ -582,7 +684,7 @@ def train(
                 aux = load_balancing_loss([r.logits for r in routing], top_k)
                 loss = loss + cfg.aux_loss_coef * aux
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {float(loss)} at step {step}")
+                raise FloatingPointError(f"the loss is {float(loss.detach())} at step {step + 1}")
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -713,30 +815,46 @@ def route_text(model: GLMMoEModel, text: str) -> tuple[list[str], list[RouterOut
 # ---- command line --------------------------------------------------------------------------------
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is not allowed: it must be >= {low}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m glm4moe_lib.train",
         description="Train the tiny GLM-4-style MoE language model on the course corpus.",
     )
     p.add_argument("--preset", default="tiny", help=f"model and training preset: {sorted(TRAIN_PRESETS)}")
-    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--steps", type=_int_at_least(1), help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=_int_at_least(1))
+    p.add_argument("--seq-len", type=_int_at_least(1))
     p.add_argument("--lr", type=float)
     p.add_argument("--balance", choices=BALANCE_MODES, help="load balancing (default aux_loss_free)")
     p.add_argument("--aux-loss-coef", type=float)
     p.add_argument("--bias-update-rate", type=float)
     p.add_argument("--dense", action="store_true", help="train the dense twin with equal active parameters")
-    p.add_argument("--eval-interval", type=int)
-    p.add_argument("--checkpoint-interval", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-interval", type=_int_at_least(0))
+    p.add_argument("--checkpoint-interval", type=_int_at_least(0))
+    p.add_argument("--seed", type=_int_at_least(0))
     p.add_argument("--device", help="cpu, cuda, mps or auto (default cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (fixed for reproducible runs)")
+    p.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (fixed for reproducible runs)")
     p.add_argument("--data-dir", help="corpus folder (default data/corpus)")
     p.add_argument("--out", help="folder for metrics.json and checkpoint.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--samples", type=int, default=120, help="bytes sampled per domain prompt at the end")
+    p.add_argument(
+        "--samples", type=_int_at_least(0), default=120, help="bytes sampled per domain prompt at the end"
+    )
     return p
 
 
@@ -764,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["dense"] = True
     overrides["out_dir"] = args.out
     overrides["progress"] = not args.no_progress
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         cfg = train_preset(args.preset, **overrides)
