@@ -226,6 +226,17 @@ def balance_conventions(
     """The three losses for uniform routing (equal logits, ties broken so the picks are spread
     evenly) at several top-K: Switch/transformers' ``E·Σ f·P`` (uniform gives K) and DeepSeek's
     sequence-wise loss (uniform gives 1)."""
+    for name, value in (("num_experts", num_experts), ("tokens", tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+    if isinstance(top_ks, (str, bytes)) or not isinstance(top_ks, Sequence) or not top_ks:
+        raise ValueError(f"top_ks={top_ks!r} is not allowed: give a non-empty list of top-K values")
+    for k in top_ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+            raise ValueError(
+                f"top_ks={tuple(top_ks)!r} is not allowed: every top-K must be an integer in "
+                f"[1, num_experts={num_experts}]"
+            )
     out: dict[str, list[float]] = {
         "top_k": list(top_ks),
         "transformers (E·Σ f·P)": [],
@@ -293,11 +304,24 @@ def plot_group_selection(
     """Group-limited routing as a picture: the selection scores [T, E] (scores + bias), the groups
     each token may not use greyed out, group borders as white lines, and the chosen experts dotted."""
     c, m = to_numpy(choice), to_numpy(keep).astype(bool)
+    if c.ndim != 2 or 0 in c.shape:
+        raise ValueError(f"choice has shape {c.shape}: expected a non-empty [tokens, experts]")
     t, e = c.shape
     if m.shape != c.shape:
         raise ValueError(f"keep has shape {m.shape}: it must match choice {c.shape}")
-    if e % n_group != 0:
-        raise ValueError(f"n_group={n_group} is not allowed: it must divide the {e} experts")
+    if isinstance(n_group, bool) or not isinstance(n_group, int) or n_group < 1 or e % n_group != 0:
+        raise ValueError(
+            f"n_group={n_group!r} is not allowed: it must be a positive integer that divides the {e} experts"
+        )
+    idx = to_numpy(topk_indices)
+    if idx.ndim != 2 or idx.shape[0] != t:
+        raise ValueError(f"topk_indices has shape {idx.shape}: expected [tokens={t}, K]")
+    if idx.size and (np.any(idx != np.round(idx)) or idx.min() < 0 or idx.max() >= e):
+        raise ValueError(
+            f"topk_indices holds ids from {idx.min():g} to {idx.max():g}: they must be integers in [0, {e})"
+        )
+    if tokens is not None and len(tokens) != t:
+        raise ValueError(f"tokens has {len(tokens)} labels but choice has {t} rows: they must match")
     shown = np.where(m, c, np.nan)
     fig, ax = plt.subplots(figsize=(min(12, 3 + 0.5 * e), 1.5 + 0.32 * t), layout="constrained")
     ax.imshow(np.where(m, np.nan, 1.0), aspect="auto", cmap="Greys", vmin=0, vmax=4, interpolation="nearest")

@@ -19,8 +19,19 @@ CMAP_DIVERGING = "PuOr"
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 
 
+def check_scale(scale) -> None:
+    """Reject a font ``scale`` that is not a finite number > 0 (TypeError / ValueError naming it)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale={scale!r} is not allowed: it must be a number > 0 (1.5 for a projector)")
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"scale={scale!r} is not allowed: it must be a finite number > 0 (1.5 for a projector)"
+        )
+
+
 def use_course_style(scale: float = 1.0) -> None:
     """Font sizes and colours for every figure; ``scale=1.5`` for a projector."""
+    check_scale(scale)
     mpl.rcParams.update(
         {
             "figure.dpi": 80,

@@ -74,6 +74,8 @@ def plot_token_routes(
 def plot_traffic_matrix(matrix, title: str = "All-to-all traffic (rows)", unit: str = "rows") -> Figure:
     """Heatmap of the [W, W] send matrix: row = sender, column = receiver; the diagonal stays local."""
     arr = to_numpy(matrix)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.size == 0:
+        raise ValueError(f"matrix has shape {arr.shape}: expected a square [W, W] send matrix")
     world = arr.shape[0]
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * world, 1.2 + 0.9 * world))
     labels = [str(r) for r in range(world)]
@@ -97,6 +99,19 @@ def plot_rank_load(stats: Sequence[dict[str, Any]], title: str = "") -> Figure:
 
     ``stats`` is one :meth:`EPStats.to_dict` per rank, in rank order.
     """
+    if not isinstance(stats, Sequence) or not stats:
+        raise ValueError(
+            f"stats={stats!r:.60} is not allowed: pass one EPStats.to_dict() per rank, in rank order"
+        )
+    keys = ("expert_load", "tokens_sent", "tokens_received", "remote_sent")
+    for r, s in enumerate(stats):
+        if not isinstance(s, dict) or any(k not in s for k in keys):
+            raise ValueError(f"stats[{r}] is not allowed: every rank's dict needs the keys {keys}")
+        if len(s["expert_load"]) != len(stats[0]["expert_load"]) or not len(s["expert_load"]):
+            raise ValueError(
+                f"stats[{r}]['expert_load'] has {len(s['expert_load'])} experts: every rank must hold the "
+                f"same number (> 0), rank 0 holds {len(stats[0]['expert_load'])}"
+            )
     world = len(stats)
     load = [v for s in stats for v in s["expert_load"]]
     e_local = len(stats[0]["expert_load"])

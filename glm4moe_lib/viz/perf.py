@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,14 @@ def plot_times(
 
     ``ratio=True`` draws time / limit instead (the limit is then the line at 1).
     """
+    if isinstance(modes, str) or not isinstance(modes, Sequence) or not modes:
+        raise ValueError(
+            f"modes={modes!r} is not allowed: give a non-empty list of modes, e.g. ('forward', 'fwd+bwd')"
+        )
+    if not isinstance(results, dict) or "results" not in results or "meta" not in results:
+        raise ValueError(
+            "results is not allowed: pass the dict load_results() reads (with 'results' and 'meta')"
+        )
     series = list(series or DEFAULT_SERIES)
     fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
@@ -118,6 +128,16 @@ def plot_overlap(rows: Sequence[dict[str, Any]], title: str | None = None) -> Fi
     """Bars of :func:`glm4moe_lib.bench.overlap_probe`'s rows: for each number of tokens per expert,
     the plain read of the weights, the same work with the weights in cache, and the call itself,
     with the two bounds drawn across each group: both at once (the limit) and one after the other."""
+    if not isinstance(rows, Sequence) or not rows:
+        raise ValueError(f"rows={rows!r:.60} is not allowed: pass the non-empty list overlap_probe() returns")
+    keys = ("read_s", "compute_s", "call_s", "tokens_per_expert", "tokens")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            raise ValueError(f"rows[{i}]={row!r:.80} is not allowed: every row needs the keys {keys}")
+        for k in keys[:3]:
+            v = row[k]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"rows[{i}][{k!r}]={v!r} is not allowed: it must be a finite time >= 0")
     fig, ax = plt.subplots(figsize=(8, 4.2))
     bars = (
         ("read_s", "read the weights (memory alone)", PALETTE[5], ""),

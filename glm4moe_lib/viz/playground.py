@@ -23,7 +23,7 @@ from torch import Tensor
 from ..balance import expert_load, load_balancing_loss, max_violation, update_bias
 from ..config import MoEConfig
 from ..router import route
-from .core import CMAP, PALETTE, close, heatmap, to_numpy, use_course_style
+from .core import CMAP, PALETTE, check_scale, close, heatmap, to_numpy, use_course_style
 
 #: The balancing methods the playground offers.
 BALANCING = ("none", "switch aux loss", "bias updates")
@@ -75,6 +75,11 @@ def _check(name: str, value, low, high, kind=int) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be in [{low}, {high}]")
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
+
+
 def toy_batch(tokens: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A fixed token batch x [T, HIDDEN] and router weights W [MAX_EXPERTS, HIDDEN].
 
@@ -118,6 +123,7 @@ def simulate_playground(
         raise ValueError(f"balancing={balancing!r} is not allowed: use one of {BALANCING}")
     _check("steps", steps, 0, MAX_STEPS)
     _check("tokens", tokens, SHOWN_TOKENS, 4096)
+    _check_seed(seed)
 
     config = MoEConfig(
         hidden_size=HIDDEN,
@@ -180,7 +186,13 @@ def draw_playground(
     ``scale`` draws with ``use_course_style(scale)`` for this figure only (1.5 for a projector);
     None keeps the current style.
     """
+    if not isinstance(state, PlaygroundState):
+        raise TypeError(
+            f"state={type(state).__name__} is not allowed: pass the PlaygroundState that "
+            "simulate_playground returns"
+        )
     if scale is not None:
+        check_scale(scale)
         with mpl.rc_context():
             use_course_style(scale)
             return draw_playground(state, figsize=figsize)
@@ -241,4 +253,6 @@ def draw_playground(
 
 def playground_figure(*, scale: float | None = None, **settings) -> Figure:
     """The playground's figure for these settings (see :func:`simulate_playground`), e.g. the default."""
+    if scale is not None:
+        check_scale(scale)
     return draw_playground(simulate_playground(**settings), scale=scale)

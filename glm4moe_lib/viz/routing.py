@@ -324,9 +324,12 @@ def plot_gate_effect(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") ->
 
     gate, up: [N, I] pre-activations of one expert on N tokens.
     """
-    if gate.shape != up.shape or gate.dim() != 2:
+    for name, value in (("gate", gate), ("up", up)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}={type(value).__name__} is not allowed: pass a [N, I] tensor")
+    if gate.shape != up.shape or gate.dim() != 2 or gate.numel() == 0:
         raise ValueError(
-            f"gate has shape {tuple(gate.shape)} and up {tuple(up.shape)}: both must be the same [N, I]"
+            f"gate has shape {tuple(gate.shape)} and up {tuple(up.shape)}: both must be the same [N, I], non-empty"
         )
     acts = {"silu": torch.nn.functional.silu, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
     if act not in acts:

@@ -46,8 +46,18 @@ def smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
 
 def _runs(metrics: Mapping[str, Any] | Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """Accept one run's metrics or {label: metrics}."""
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ValueError(
+            f"metrics={metrics!r:.60} is not allowed: pass one run's metrics (a dict with 'train' and "
+            "'eval') or a non-empty dict {label: metrics}"
+        )
     if "train" in metrics and "eval" in metrics:
         return {"run": metrics}
+    for label, m in metrics.items():
+        if not isinstance(m, Mapping) or "train" not in m or "eval" not in m:
+            raise ValueError(
+                f"metrics[{label!r}] is not allowed: every run must be a dict with 'train' and 'eval' lists"
+            )
     return dict(metrics)
 
 
@@ -81,6 +91,11 @@ def plot_loss_curves(
 def plot_domain_losses(metrics: Mapping[str, Any], *, title: str = "Validation loss per domain") -> Figure:
     """Grouped bars: the final validation loss of each domain, one bar per run."""
     runs = _runs(metrics)
+    for label, m in runs.items():
+        if not m["eval"] or "val_loss_per_domain" not in m["eval"][-1]:
+            raise ValueError(
+                f"metrics run {label!r} has no evaluation with 'val_loss_per_domain': nothing to draw"
+            )
     domains = list(next(iter(runs.values()))["eval"][-1]["val_loss_per_domain"])
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     width = 0.8 / len(runs)
@@ -102,7 +117,12 @@ def plot_max_vio(
     metrics: Mapping[str, Any], *, window: int = 20, title: str = "Load imbalance (MaxVio)"
 ) -> Figure:
     """MaxVio of every MoE layer during training (smoothed), one panel per run."""
-    runs = {k: v for k, v in _runs(metrics).items() if v["train"] and v["train"][0]["max_vio"]}
+    runs = {k: v for k, v in _runs(metrics).items() if v["train"] and v["train"][0].get("max_vio")}
+    if not runs:
+        raise ValueError(
+            "metrics has no run with a recorded 'max_vio' (a model with MoE layers, trained at least "
+            "one step): nothing to draw"
+        )
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs) + 1, 3.6), squeeze=False, sharey=True)
     for ax, (label, m) in zip(axes[0], runs.items()):
         steps = [r["step"] for r in m["train"]]
@@ -132,6 +152,23 @@ def plot_specialization(
     A uniform router gives 1/E in every cell; bright cells are experts a domain prefers.
     """
     mats = [to_numpy(m) for m in matrices]
+    if not mats:
+        raise ValueError("matrices is empty: pass one [domains, experts] matrix per MoE layer")
+    shapes = [m.shape for m in mats]
+    if any(len(sh) != 2 or sh != shapes[0] or 0 in sh for sh in shapes):
+        raise ValueError(
+            f"matrices have shapes {shapes}: each must be the same non-empty 2-D [domains, experts]"
+        )
+    if len(domains) != shapes[0][0]:
+        raise ValueError(
+            f"domains has {len(domains)} names but the matrices have {shapes[0][0]} rows: they must match"
+        )
+    if layer_ids is not None and len(layer_ids) != len(mats):
+        raise ValueError(
+            f"layer_ids has {len(layer_ids)} entries but there are {len(mats)} matrices: they must match"
+        )
+    if not all(np.isfinite(m).all() for m in mats):
+        raise ValueError("matrices hold NaN or infinite values: every share must be a finite number")
     n_experts = mats[0].shape[1]
     layer_ids = list(layer_ids) if layer_ids is not None else list(range(len(mats)))
     vmax = max(float(m.max()) for m in mats)
@@ -197,6 +234,8 @@ def plot_corpus_stats(texts: Mapping[str, str], *, title: str = "What each domai
 
 def expert_colors(n_experts: int) -> list[str]:
     """One colour per expert: Okabe–Ito for up to 8 experts, else evenly spaced viridis colours."""
+    if isinstance(n_experts, bool) or not isinstance(n_experts, (int, np.integer)) or n_experts < 1:
+        raise ValueError(f"n_experts={n_experts!r} is not allowed: it must be a positive integer")
     if n_experts <= len(PALETTE):
         return PALETTE[:n_experts]
     cmap = plt.get_cmap(CMAP)
@@ -208,12 +247,29 @@ def _text_color(background: str) -> str:
     return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#FFFFFF"
 
 
+def _check_token_experts(tokens: Sequence[str], experts: Sequence[int], n_experts: int) -> list[int]:
+    """Validate (tokens, experts, n_experts) for the coloured-text views; returns the ids as ints."""
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):
+        raise TypeError(f"tokens={tokens!r:.60} is not allowed: pass a list of token strings")
+    ids = to_numpy(experts).reshape(-1) if not isinstance(experts, Sequence) else np.asarray(experts)
+    if len(ids) != len(tokens):
+        raise ValueError(f"experts has {len(ids)} ids but tokens has {len(tokens)}: they must match")
+    if len(ids) and (ids.dtype.kind not in "iuf" or np.any(ids != np.round(ids))):
+        raise ValueError(f"experts={list(ids)[:8]!r} is not allowed: expert ids must be integers")
+    out = [int(e) for e in ids]
+    bad = [e for e in out if not 0 <= e < n_experts]
+    if bad:
+        raise ValueError(f"experts holds expert id {bad[0]}: every id must lie in [0, n_experts={n_experts})")
+    return out
+
+
 def routing_html(tokens: Sequence[str], experts: Sequence[int], n_experts: int, *, title: str = "") -> str:
     """HTML: each token in a span coloured by its (first-choice) expert, then a legend.
 
     ``tokens`` are printable token strings (``ByteTokenizer.token_str``), ``experts`` [T] ints.
     """
     colors = expert_colors(n_experts)
+    experts = _check_token_experts(tokens, experts, n_experts)
     spans = []
     for tok, e in zip(tokens, experts):
         bg = colors[int(e)]
@@ -243,6 +299,11 @@ def plot_routing_text(
 ) -> Figure:
     """The static twin of ``routing_html``: the text drawn in a grid of cells coloured by expert."""
     colors = expert_colors(n_experts)
+    experts = _check_token_experts(tokens, experts, n_experts)
+    if not experts:
+        raise ValueError("tokens is empty: there is no text to draw")
+    if isinstance(chars_per_line, bool) or not isinstance(chars_per_line, int) or chars_per_line < 1:
+        raise ValueError(f"chars_per_line={chars_per_line!r} is not allowed: it must be a positive integer")
     lines: list[list[tuple[str, int]]] = [[]]
     for tok, e in zip(tokens, experts):
         if len(lines[-1]) >= chars_per_line:

@@ -19,11 +19,13 @@ from torch import Tensor
 from ..lab import LabResult
 from ..viz.balance import plot_training_step
 from ..viz.dispatch import plot_capacity_drops
-from .core import attach_redraw
+from .core import attach_redraw, check_slider_value
 
 __all__ = ["capacity_explorer", "training_explorer"]
 
 _STYLE = {"description_width": "initial"}
+#: (min, max, step) of capacity_explorer's capacity-factor slider.
+_FACTOR_RANGE = (0.25, 4.0, 0.25)
 
 
 def training_explorer(
@@ -33,14 +35,19 @@ def training_explorer(
     heatmap with the chosen step marked, and that step's load bars and MaxVio."""
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results must be a non-empty dict {label: LabResult} (see lab.run_sweep)")
+    for name, r in results.items():
+        if not isinstance(r, LabResult):
+            raise TypeError(
+                f"results[{name!r}] is a {type(r).__name__}: expected a LabResult (see lab.run_sweep)"
+            )
     labels = list(results)
     method = labels[0] if method is None else method
     if method not in results:
         raise ValueError(f"method={method!r} is not allowed: use one of {labels}")
     steps = min(r.steps for r in results.values())
     step = steps - 1 if step is None else step
-    if not 0 <= step < steps:
-        raise ValueError(f"step={step!r} is not allowed: it must be in [0, {steps - 1}]")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:
+        raise ValueError(f"step={step!r} is not allowed: it must be an integer in [0, {steps - 1}]")
     controls = {
         "method": widgets.Dropdown(options=labels, value=method, description="method", style=_STYLE),
         "step": widgets.IntSlider(
@@ -64,13 +71,17 @@ def capacity_explorer(
     if not isinstance(routings, Mapping) or not routings:
         raise ValueError("routings must be a non-empty dict {name: top_k_index [T, K]}")
     names = list(routings)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    low, high, step = _FACTOR_RANGE
+    check_slider_value("capacity_factor", capacity_factor, low, high, step, kind=float)
     controls = {
         "routing": widgets.Dropdown(options=names, value=names[0], description="routing", style=_STYLE),
         "capacity_factor": widgets.FloatSlider(
             value=capacity_factor,
-            min=0.25,
-            max=4.0,
-            step=0.25,
+            min=low,
+            max=high,
+            step=step,
             description="capacity factor",
             continuous_update=False,
             style=_STYLE,

@@ -21,11 +21,13 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from ..viz.core import check_scale
 from ..viz.playground import (
     BALANCING,
     MAX_EXPERTS,
     MAX_STEPS,
     MAX_TOP_K,
+    SHOWN_TOKENS,
     TEMPERATURE_RANGE,
     PlaygroundState,
     draw_playground,
@@ -66,6 +68,13 @@ class Playground:
     """
 
     def __init__(self, *, scale: float = 1.5, tokens: int = 256, seed: int = 0, **settings: Any) -> None:
+        check_scale(scale)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not SHOWN_TOKENS <= tokens <= 4096:
+            raise ValueError(
+                f"tokens={tokens!r} is not allowed: it must be an integer in [{SHOWN_TOKENS}, 4096]"
+            )
         self.scale = scale
         self.tokens = tokens
         self.seed = seed

@@ -21,7 +21,9 @@ from matplotlib.figure import Figure
 from ..config import MoEConfig
 from ..router import RouterOutput, route
 from ..viz.routing import plot_capacity, plot_routing
-from .core import attach_redraw
+from .core import attach_redraw, check_slider_value
+
+SCORING_CHOICES = ("softmax", "sigmoid")
 
 __all__ = [
     "capacity_calculator",
@@ -37,6 +39,10 @@ def embed_text(text: str, hidden_size: int = 32, seed: int = 0) -> tuple[list[st
     The vector of a word depends only on the word, ``hidden_size`` and ``seed`` (a generator seeded
     with the word's CRC-32), so a repeated word gets the same vector and is routed the same way.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text={text!r:.60} is not allowed: it must be a string")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
         raise ValueError(f"hidden_size={hidden_size!r} is not allowed: it must be a positive integer")
     words = re.findall(r"\w+|[^\w\s]", text.lower())
@@ -73,6 +79,10 @@ def routing_explorer_figure(
     ``bias`` is added to the selection score of expert ``bias_expert`` only (as GLM-4.5's
     ``e_score_correction_bias``): it changes which experts are picked, never the weights.
     """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits={type(logits).__name__} is not allowed: pass a [tokens, experts] tensor")
+    if scoring not in SCORING_CHOICES:
+        raise ValueError(f"scoring={scoring!r} is not allowed: use one of {SCORING_CHOICES}")
     if logits.dim() != 2:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: expected [tokens, experts]")
     e = logits.shape[1]
@@ -110,6 +120,15 @@ def routing_explorer(
     x [T, H] are the token vectors and weight [E, H] the router's weight (both default to a seeded
     toy sentence and an 8-expert router).
     """
+    for name, value in (("x", x), ("weight", weight)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name}={type(value).__name__} is not allowed: pass a tensor (or None for the toy)"
+            )
+    if scoring not in SCORING_CHOICES:
+        raise ValueError(f"scoring={scoring!r} is not allowed: use one of {SCORING_CHOICES}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
     if x is None or weight is None:
         if x is not None or weight is not None:
             raise ValueError("x and weight go together: pass both, or neither for the toy example")
@@ -121,8 +140,8 @@ def routing_explorer(
     if tokens is not None and len(tokens) != x.shape[0]:
         raise ValueError(f"tokens has {len(tokens)} labels but x has {x.shape[0]} rows: they must match")
     e = weight.shape[0]
-    if not 1 <= top_k <= e:
-        raise ValueError(f"top_k={top_k!r} is not allowed: it must be in [1, {e}]")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= e:
+        raise ValueError(f"top_k={top_k!r} is not allowed: it must be an integer in [1, {e}]")
     logits = x.float() @ weight.float().T  # [T, E]
     style = {"description_width": "initial"}
     controls = {
@@ -130,7 +149,7 @@ def routing_explorer(
         "temperature": widgets.FloatLogSlider(
             value=1.0, base=10, min=-1, max=1, step=0.05, description="temperature", style=style
         ),
-        "scoring": widgets.Dropdown(options=["softmax", "sigmoid"], value=scoring, description="scoring"),
+        "scoring": widgets.Dropdown(options=list(SCORING_CHOICES), value=scoring, description="scoring"),
         "bias_expert": widgets.IntSlider(
             value=0, min=0, max=e - 1, description="bias on expert", style=style
         ),
@@ -154,27 +173,56 @@ def routing_explorer(
     return box
 
 
+#: (min, max, step) of each capacity_calculator slider; a start value outside them is rejected.
+_CAPACITY_RANGES = {
+    "num_experts": (1, 256, 1),
+    "top_k": (1, 16, 1),
+    "hidden_size": (256, 8192, 256),
+    "expert_size": (128, 16384, 128),
+    "dense_size": (128, 65536, 128),
+}
+
+
 def capacity_calculator(
     num_experts: int = 8, top_k: int = 2, hidden_size: int = 1024, expert_size: int = 2816
 ) -> widgets.VBox:
     """Sliders for experts, top-K, hidden width, expert width and dense width; bars of total vs
     active parameters and per-token FLOPs (see :func:`glm4moe_lib.viz.routing.plot_capacity`)."""
     style = {"description_width": "initial"}
+    start = {
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "hidden_size": hidden_size,
+        "expert_size": expert_size,
+    }
+    for name, value in start.items():
+        low, high, step = _CAPACITY_RANGES[name]
+        if name == "top_k" and isinstance(num_experts, int):
+            high = min(high, num_experts)  # top-K can never exceed the number of experts
+        check_slider_value(name, value, low, high, step)
+    r = _CAPACITY_RANGES
     controls = {
         "num_experts": widgets.IntSlider(
-            value=num_experts, min=1, max=256, description="experts E", style=style
+            value=num_experts, min=r["num_experts"][0], max=r["num_experts"][1], step=r["num_experts"][2],
+            description="experts E", style=style,
         ),
-        "top_k": widgets.IntSlider(value=top_k, min=1, max=16, description="top-K", style=style),
+        "top_k": widgets.IntSlider(
+            value=top_k, min=r["top_k"][0], max=r["top_k"][1], step=r["top_k"][2], description="top-K",
+            style=style,
+        ),
         "hidden_size": widgets.IntSlider(
-            value=hidden_size, min=256, max=8192, step=256, description="hidden H", style=style
+            value=hidden_size, min=r["hidden_size"][0], max=r["hidden_size"][1], step=r["hidden_size"][2],
+            description="hidden H", style=style,
         ),
         "expert_size": widgets.IntSlider(
-            value=expert_size, min=128, max=16384, step=128, description="expert width I", style=style
+            value=expert_size, min=r["expert_size"][0], max=r["expert_size"][1], step=r["expert_size"][2],
+            description="expert width I", style=style,
         ),
         "dense_size": widgets.IntSlider(
-            value=expert_size, min=128, max=65536, step=128, description="dense width", style=style
+            value=expert_size, min=r["dense_size"][0], max=r["dense_size"][1], step=r["dense_size"][2],
+            description="dense width", style=style,
         ),
-    }
+    }  # fmt: skip
 
     # top-K can never exceed the number of experts.
     def clamp(change):

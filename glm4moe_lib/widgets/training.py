@@ -42,8 +42,15 @@ def routing_explorer(
     model: GLMMoEModel, texts: Mapping[str, str], layer: int | None = None, text: str | None = None
 ) -> widgets.VBox:
     """Pick a MoE layer and a text; see each token coloured by its first-choice expert."""
+    if not isinstance(model, GLMMoEModel):
+        raise TypeError(f"model={type(model).__name__} is not allowed: pass a GLMMoEModel")
     if not isinstance(texts, Mapping) or not texts:
         raise ValueError("texts must be a non-empty dict {label: text}")
+    for label, t in texts.items():
+        if not isinstance(t, str) or not t:
+            raise TypeError(
+                f"texts[{label!r}]={t!r:.40} is not allowed: every text must be a non-empty string"
+            )
     routed = {label: first_choice_experts(model, t) for label, t in texts.items()}
     layers = sorted(next(iter(routed.values()))[1])
     if not layers:
