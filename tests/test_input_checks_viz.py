@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+from glm4moe_lib.config import MoEConfig
 from glm4moe_lib.viz import balance as vb
 from glm4moe_lib.viz import parallel as vp
 from glm4moe_lib.viz import perf
@@ -200,3 +201,20 @@ def test_training_explorer_rejects_non_results():
 def test_embed_text_rejects_non_string():
     with pytest.raises(TypeError, match="text=None"):
         embed_text(None)
+
+
+def test_remaining_parallel_and_grid_plots_check_their_arguments():
+    idx = [torch.tensor([[0, 5], [3, 7]]), torch.tensor([[1, 2], [6, 4]])]
+    with pytest.raises(ValueError, match=r"topk_indices_per_rank\[1\] holds expert ids from 1 to 8"):
+        vp.plot_token_routes([idx[0], idx[1] + torch.tensor([[0, 0], [0, 4]])], 8, 2)
+    with pytest.raises(ValueError, match="one \\[T, K\\] tensor per rank: world_size=2, got 1"):
+        vp.plot_token_routes(idx[:1], 8, 2)
+    with pytest.raises(ValueError, match="keep_per_rank must hold one mask per rank"):
+        vp.plot_token_routes(idx, 8, 2, [torch.ones(2, 2, dtype=torch.bool)])
+    with pytest.raises(
+        ValueError, match="world_sizes, measured and formula must be non-empty and of one length"
+    ):
+        vp.plot_comm_volume([2, 4], [1.0], [1.5, 2.5])
+    with pytest.raises(ValueError, match="world_sizes is empty"):
+        vp.plot_scale(MoEConfig(), [])
+    plt.close("all")

@@ -106,6 +106,8 @@ def plot_training_step(result: LabResult, step: int | None = None) -> Figure:
 def plot_load_grid(results: Mapping[str, LabResult], columns: int = 3) -> Figure:
     """One expert × step heatmap per run, same colour scale, for a side-by-side comparison."""
     _check_results(results)
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns={columns!r} is not allowed: it must be a positive integer")
     n = len(results)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols

@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 from torch import Tensor
 
 from ..config import MoEConfig
-from ..parallel import check_world_size, comm_bytes_per_token
+from ..parallel import _check_expert_ids, check_world_size, comm_bytes_per_token
 from .core import PALETTE, close, heatmap, to_numpy
 
 
@@ -41,6 +41,21 @@ def plot_token_routes(
     The number in a cell is the expert id; a grey cell with a cross is a dropped pair.
     """
     e_local = check_world_size(num_experts, world_size)
+    if isinstance(topk_indices_per_rank, Tensor) or len(topk_indices_per_rank) != world_size:
+        raise ValueError(
+            f"topk_indices_per_rank must hold one [T, K] tensor per rank: world_size={world_size}, got "
+            f"{'a tensor' if isinstance(topk_indices_per_rank, Tensor) else len(topk_indices_per_rank)}"
+        )
+    for src, idx in enumerate(topk_indices_per_rank):
+        _check_expert_ids(idx, f"topk_indices_per_rank[{src}]", num_experts)
+        if idx.dim() != 2:
+            raise ValueError(f"topk_indices_per_rank[{src}] has shape {tuple(idx.shape)}: expected [T, K]")
+        if keep_per_rank is not None and (
+            len(keep_per_rank) != world_size or tuple(keep_per_rank[src].shape) != tuple(idx.shape)
+        ):
+            raise ValueError(
+                f"keep_per_rank must hold one mask per rank, each of its topk_indices' shape {tuple(idx.shape)}"
+            )
     fig, axes = plt.subplots(1, world_size, figsize=(1.0 + 2.6 * world_size, 4.2), squeeze=False)
     for src, ax in enumerate(axes[0]):
         idx = to_numpy(topk_indices_per_rank[src]).astype(int)  # [T, K]
@@ -144,6 +159,11 @@ def plot_comm_volume(
     world_sizes: Sequence[int], measured: Sequence[float], formula: Sequence[float]
 ) -> Figure:
     """Measured off-rank bytes per rank (one dispatch) next to the uniform-routing formula."""
+    if not (len(world_sizes) == len(measured) == len(formula)) or not len(world_sizes):
+        raise ValueError(
+            f"world_sizes, measured and formula must be non-empty and of one length, got {len(world_sizes)}, "
+            f"{len(measured)} and {len(formula)}"
+        )
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = np.arange(len(world_sizes))
     ax.bar(x - 0.18, measured, 0.36, color=PALETTE[0], label="measured (mean over ranks)")
@@ -160,6 +180,8 @@ def plot_scale(
     config: MoEConfig, world_sizes: Sequence[int], elem_size: int = 2, name: str = "GLM-4.5"
 ) -> Figure:
     """All-to-all bytes per token per MoE layer (forward: dispatch + combine) against the EP degree."""
+    if not len(world_sizes):
+        raise ValueError("world_sizes is empty: pass the EP degrees to plot, e.g. [1, 2, 4, 8]")
     rows = [comm_bytes_per_token(config, w, elem_size) for w in world_sizes]
     fwd = [r["forward"] / 1024 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.8))
