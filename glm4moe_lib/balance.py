@@ -18,6 +18,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .dispatch import check_expert_ids
+
 
 def _stack_logits(router_logits: Tensor | Sequence[Tensor]) -> list[Tensor]:
     if isinstance(router_logits, Tensor):
@@ -39,16 +41,6 @@ def _stack_logits(router_logits: Tensor | Sequence[Tensor]) -> list[Tensor]:
     if sum(layer.shape[0] for layer in layers) == 0:  # a mean over no rows is NaN, not a loss
         raise ValueError("router_logits has 0 rows (tokens) in all layers: a loss needs at least one token")
     return layers
-
-
-def _check_indices(name: str, indices: Tensor, num_experts: int) -> None:
-    """Expert ids must be integers in [0, num_experts); one min/max pass over the [T, K] ids."""
-    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-        raise TypeError(f"{name} has dtype {indices.dtype}: expected integer expert ids")
-    if indices.numel() > 0:
-        lo, hi = (int(v) for v in torch.aminmax(indices))
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"{name} holds expert ids from {lo} to {hi}: they must be in [0, {num_experts})")
 
 
 def load_balancing_loss(
@@ -128,7 +120,7 @@ def sequence_balance_loss(scores: Tensor, topk_indices: Tensor, batch_size: int)
         raise TypeError(f"batch_size={batch_size!r} is not allowed: it must be an integer")
     if batch_size <= 0 or rows % batch_size != 0:
         raise ValueError(f"batch_size={batch_size} is not allowed: it must divide the {rows} rows")
-    _check_indices("topk_indices", topk_indices, num_experts)  # a loss, once per step: min/max is cheap
+    check_expert_ids(topk_indices, num_experts, "topk_indices")  # a loss, once per step: min/max is cheap
     seq_len, top_k = rows // batch_size, topk_indices.shape[-1]
     s = scores.float().view(batch_size, seq_len, num_experts)
     p = (s / s.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)  # [B, E]
@@ -150,9 +142,9 @@ def expert_load(topk_indices: Tensor, num_experts: int) -> Tensor:
 
     ``topk_indices`` holds integer expert ids in [0, num_experts), any shape.
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
-    _check_indices("topk_indices", topk_indices, num_experts)  # bincount reads them all anyway
+    check_expert_ids(
+        topk_indices, num_experts, "topk_indices"
+    )  # (and num_experts) bincount reads them all anyway
     return torch.bincount(topk_indices.reshape(-1), minlength=num_experts).float()
 
 

@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import PRESETS, MoEConfig
+from .config import PRESETS, MoEConfig, int_at_least
 from .cpu_kernel import unsupported
-from .device import keep_freed_cpu_memory
+from .device import keep_freed_cpu_memory, pick_device
 from .dispatch import STRATEGIES, choose_strategy, dispatch_combine
 from .moe import MoE
 
@@ -120,23 +120,14 @@ def _check_choices(name: str, values: Any, allowed: Sequence[str]) -> tuple[str,
     return tuple(values)
 
 
-def parse_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device the benchmark can run on ("cpu", "cuda" or "cuda:N", present here)."""
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device={device!r} is not allowed: it must be a string such as 'cpu' or 'cuda'")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in DEVICE_TYPES:
-        raise ValueError(f"device={str(device)!r} is not allowed: use one of {DEVICE_TYPES} (or 'cuda:N')")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} is not allowed: CUDA is not available here (use 'cpu')")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={str(device)!r} is not allowed: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The benchmark's device: :func:`~glm4moe_lib.device.pick_device`'s (the course's one place,
+    which names what is allowed or missing), on a CPU or a CUDA GPU; None: CUDA if present, else CPU."""
+    dev = pick_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(
+            f"device={str(device)!r} is not allowed: the benchmark runs on one of {DEVICE_TYPES}"
+        )
     return dev
 
 
@@ -692,7 +683,7 @@ def run(
     # every argument is checked before anything is built or timed
     config = config or PRESETS["bench"]
     _check_config(config)
-    device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
         raise TypeError(
             f"tokens={tokens!r} is not allowed: it must be a list or tuple of token counts (ints >= 0)"
@@ -701,10 +692,7 @@ def run(
     routings = _check_choices("routings", routings, ROUTINGS)
     if modes is not None:
         modes = _check_choices("modes", modes, MODES)
-    if isinstance(strategies, str) or not isinstance(strategies, (list, tuple)):
-        raise TypeError(
-            f"strategies={strategies!r} is not allowed: it must be a list or tuple of strategy names"
-        )
+    strategies = _check_choices("strategies", strategies, ("auto", *STRATEGIES))
     hf_impls = _check_choices("hf_impls", hf_impls, HF_IMPLS)
     repeats = _check_int("repeats", repeats, 1)
     min_sample_s = _check_seconds("min_sample_s", min_sample_s)
@@ -720,12 +708,6 @@ def run(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if modes is None:
         modes = MODES if device.type == "cpu" else tuple(m for m in MODES if m != "decode")
-    for s in strategies:
-        if s != "auto" and s not in STRATEGIES:
-            raise ValueError(f"strategies contains {s!r}: use 'auto' or one of {sorted(STRATEGIES)}")
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"modes contains {m!r}: use one of {MODES}")
     try:
         import transformers
 
@@ -958,21 +940,6 @@ def markdown_table(results: dict[str, Any], names: Sequence[str] | None = None) 
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def _arg_int(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int >= ``low``, else a clean ``error:`` naming the value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not allowed: it must be >= {low}")
-        return value
-
-    return parse
-
-
 def _arg_seconds(text: str) -> float:
     """An argparse ``type``: a finite number of seconds > 0."""
     try:
@@ -996,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--quick", action="store_true", help=f"T in {QUICK_TOKENS}, fewer repeats, no decode rows (seconds)"
     )
-    p.add_argument("--tokens", type=_arg_int(0), nargs="+", help="token counts (default: all or quick)")
+    p.add_argument("--tokens", type=int_at_least(0), nargs="+", help="token counts (default: all or quick)")
     p.add_argument("--routing", nargs="+", choices=ROUTINGS, default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=None)
     p.add_argument(
@@ -1011,9 +978,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--preset", default="bench", choices=sorted(PRESETS))
     p.add_argument("--device", type=_arg_device, default=None, help=f"one of {DEVICE_TYPES} (or cuda:N)")
-    p.add_argument("--repeats", type=_arg_int(1), default=None)
+    p.add_argument("--repeats", type=int_at_least(1), default=None)
     p.add_argument(
-        "--threads", type=_arg_int(1), default=None, help="torch.set_num_threads (default: torch's)"
+        "--threads", type=int_at_least(1), default=None, help="torch.set_num_threads (default: torch's)"
     )
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall or process CPU time")
     p.add_argument("--min-sample", type=_arg_seconds, default=None, help="seconds per timed sample (> 0)")

@@ -9,8 +9,9 @@ released GLM-4.5's ``sigmoid`` router. Every value is checked on construction: a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,23 @@ DISPATCH_STRATEGIES = (
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for the command lines (bench, train): an int >= ``low``, else a clean
+    ``error:`` naming the value (exit 2), not a traceback from deep inside torch."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: it must be >= {low}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
 
 
 @dataclass

@@ -314,6 +314,17 @@ def readable(*tensors: Tensor, contiguous: bool = True) -> bool:
     return _lib is not None or load_kernel() is not None  # (built on first use: only for tensors it can take)
 
 
+def _tensor_unsupported(name: str, t: Tensor) -> str | None:
+    """Why the kernel cannot read tensor ``t`` (named ``name``) as it is, or None."""
+    if type(t) not in _PLAIN or _is_wrapped(t):
+        return f"{name} is a {type(t).__name__} under a transform or subclass: the fused kernel needs plain tensors"
+    if not t.is_cpu:
+        return f"{name} is on {t.device}: the fused kernel runs on the CPU only"
+    if t.dtype is not torch.float32:
+        return f"{name} has dtype {t.dtype}: the fused kernel is float32 only"
+    return None
+
+
 def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, act_fn=F.silu) -> str | None:
     """Why the kernel cannot run these inputs (None if it can): CPU, float32, SiLU, a compiler,
     plain tensors, and no TorchDispatchMode watching (a FLOP counter or an op counter would not
@@ -326,12 +337,9 @@ def unsupported(hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
             f"{type(_get_current_dispatch_mode()).__name__} is active and could not see inside the C kernel"
         )
     for name, t in zip(("hidden_states", "gate_up_proj", "down_proj"), tensors):
-        if type(t) not in _PLAIN or _is_wrapped(t):
-            return f"{name} is a {type(t).__name__} under a transform or subclass: the fused kernel needs plain tensors"
-        if not t.is_cpu:
-            return f"{name} is on {t.device}: the fused kernel runs on the CPU only"
-        if t.dtype is not torch.float32:
-            return f"{name} has dtype {t.dtype}: the fused kernel is float32 only"
+        reason = _tensor_unsupported(name, t)
+        if reason is not None:
+            return reason
     if act_fn is not F.silu:
         return f"act_fn={getattr(act_fn, '__name__', act_fn)!r}: the fused kernel implements SiLU only"
     if torch.is_autocast_enabled("cpu"):
@@ -349,16 +357,9 @@ def check_kernel_tensors(*named: tuple[str, Tensor | None]) -> None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if type(t) not in _PLAIN or _is_wrapped(t):
-            raise ValueError(
-                f"{name} is a {type(t).__name__} under a transform or subclass: the fused kernel needs plain tensors"
-            )
-        if not t.is_cpu:
-            raise ValueError(f"{name} is on {t.device}: the fused kernel runs on the CPU only")
-        if t.dtype is not torch.float32:
-            raise ValueError(
-                f"{name} has dtype {t.dtype}: the fused kernel is float32 only (cast it with .float())"
-            )
+        reason = _tensor_unsupported(name, t)
+        if reason is not None:
+            raise ValueError(reason)
         tensors.append(t)
     reason = unsupported(*(tensors[:1] * 3)) if tensors else None  # the global conditions, and the build
     if reason is not None:

@@ -67,29 +67,39 @@ class DispatchPlan(NamedTuple):
     offsets: Tensor  # [E+1] start of each expert's block; block e is offsets[e]:offsets[e+1]
 
 
+def check_expert_ids(
+    ids: Tensor, num_experts: int, name: str = "top_k_index", check_range: bool = True
+) -> None:
+    """``ids``: an integer tensor (any shape) of expert ids in [0, num_experts), else a clear error
+    naming ``name``. The dtype costs nothing to check; the range needs one look at the data (a host
+    sync on a GPU), skipped with ``check_range=False`` for ids that come from the router. The one
+    check of expert ids that dispatch, balance, parallel and the figures share."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} is a {type(ids).__name__}: pass an integer tensor of expert ids")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        # (ValueError, as for every other routing tensor that does not fit: see _check_args)
+        raise ValueError(f"{name} has dtype {ids.dtype}: an integer (int64) tensor of expert ids is required")
+    if check_range and ids.numel():
+        low, high = (int(v) for v in torch.aminmax(ids))  # one host sync
+        if low < 0 or high >= num_experts:
+            raise ValueError(
+                f"{name} holds expert ids from {low} to {high}: they must lie in [0, {num_experts})"
+            )
+
+
 def _check_index(
     top_k_index: Tensor, num_experts: int, tokens: int | None = None, check_ids: bool = True
 ) -> None:
-    """Clear errors for expert ids that are not an integer [T, K] tensor of ids in [0, num_experts).
-
-    The shape and dtype cost nothing to check; the ids' range needs one look at the data (a host sync
-    on a GPU), skipped with ``check_ids=False`` for ids that come from the router.
-    """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
-    if not isinstance(top_k_index, Tensor):
-        raise TypeError(f"top_k_index must be a torch.Tensor, got {type(top_k_index).__name__}")
+    """Clear errors for expert ids that are not an integer [T, K] tensor of ids in [0, num_experts)
+    (the range only with ``check_ids``: see :func:`check_expert_ids`)."""
+    check_expert_ids(top_k_index, num_experts, check_range=False)
     if top_k_index.dim() != 2 or (tokens is not None and top_k_index.shape[0] != tokens):
         want = "tokens" if tokens is None else f"tokens={tokens}"
         raise ValueError(f"top_k_index has shape {tuple(top_k_index.shape)}: expected [{want}, top_k]")
-    if top_k_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
-    if check_ids and top_k_index.numel():
-        low, high = (int(v) for v in torch.aminmax(top_k_index))  # one host sync
-        if low < 0 or high >= num_experts:
-            raise ValueError(
-                f"top_k_index holds expert ids from {low} to {high}: they must lie in [0, {num_experts})"
-            )
+    if check_ids:
+        check_expert_ids(top_k_index, num_experts)
 
 
 def _check_args(

@@ -19,6 +19,33 @@ from .experts import MLP, Experts, _plain_call
 from .router import RouterOutput, TopkRouter
 
 
+def check_layer_input(hidden_states: Tensor, hidden_size: int, weight: Tensor, name: str) -> None:
+    """A floating-point [..., hidden_size] tensor on ``weight``'s device and of its dtype (unless
+    autocast is on), or a clear error; ``name`` is the layer's variable in the hints (``moe.to(...)``)."""
+    if not isinstance(hidden_states, Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if hidden_states.dim() == 0 or hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden_states has shape {tuple(hidden_states.shape)}: its last dimension must be "
+            f"hidden_size={hidden_size}"
+        )
+    if not hidden_states.is_floating_point():
+        raise ValueError(
+            f"hidden_states has dtype {hidden_states.dtype}: a floating-point tensor is required "
+            "(token representations, not token ids)"
+        )
+    if hidden_states.device != weight.device:
+        raise ValueError(
+            f"hidden_states is on {hidden_states.device} but the layer's weights are on "
+            f"{weight.device}: move one of them (e.g. {name}.to(hidden_states.device))"
+        )
+    if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        raise ValueError(
+            f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
+            f"{weight.dtype}: cast one of them (e.g. {name}.to({hidden_states.dtype}))"
+        )
+
+
 class MoE(nn.Module):
     """output = sum_k w_k · expert_k(x) + shared_experts(x), for x of shape [..., hidden_size]."""
 
@@ -36,29 +63,7 @@ class MoE(nn.Module):
         )
 
     def _check_input(self, hidden_states: Tensor) -> None:
-        h = self.config.hidden_size
-        if not isinstance(hidden_states, Tensor):
-            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() == 0 or hidden_states.shape[-1] != h:
-            raise ValueError(
-                f"hidden_states has shape {tuple(hidden_states.shape)}: its last dimension must be "
-                f"hidden_size={h}"
-            )
-        if not hidden_states.is_floating_point():
-            raise ValueError(
-                f"hidden_states has dtype {hidden_states.dtype}: a floating-point tensor is required"
-            )
-        weight = self.experts.gate_up_proj
-        if hidden_states.device != weight.device:
-            raise ValueError(
-                f"hidden_states is on {hidden_states.device} but the layer's weights are on "
-                f"{weight.device}: move one of them (e.g. moe.to(hidden_states.device))"
-            )
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise ValueError(
-                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
-                f"{weight.dtype}: cast one of them (e.g. moe.to({hidden_states.dtype}))"
-            )
+        check_layer_input(hidden_states, self.config.hidden_size, self.experts.gate_up_proj, "moe")
 
     def _check_expert_count(self, routing: RouterOutput) -> None:
         """The router must score as many experts as there are (its ids index the experts)."""

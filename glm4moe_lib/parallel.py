@@ -54,9 +54,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import MoEConfig, preset
-from .dispatch import capacity_keep_mask, dispatch_combine, expert_capacity, plan_dispatch
+from .dispatch import capacity_keep_mask, check_expert_ids, dispatch_combine, expert_capacity, plan_dispatch
 from .experts import ACT_FNS, MLP
-from .moe import MoE
+from .moe import MoE, check_layer_input
 from .router import TopkRouter
 
 __all__ = [
@@ -106,32 +106,17 @@ def check_world_size(num_experts: int, world_size: int) -> int:
     return num_experts // world_size
 
 
-def _check_expert_ids(ids: Tensor, name: str, num_experts: int) -> None:
-    """An integer tensor of expert ids in [0, num_experts), or a clear error naming ``name``."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} is a {type(ids).__name__}: pass an integer tensor of expert ids")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} has dtype {ids.dtype}: an integer (int64) tensor of expert ids is required")
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(
-                f"{name} holds expert ids from {lo} to {hi}: they must lie in [0, {num_experts}) "
-                f"for num_experts={num_experts}"
-            )
-
-
 def expert_owner(expert: Tensor, num_experts: int, world_size: int) -> Tensor:
     """The rank that owns each expert id (contiguous blocks of E/W experts per rank)."""
     per_rank = check_world_size(num_experts, world_size)
-    _check_expert_ids(expert, "expert", num_experts)
+    check_expert_ids(expert, num_experts, "expert")
     return torch.div(expert, per_rank, rounding_mode="floor")
 
 
 def send_counts(topk_indices: Tensor, num_experts: int, world_size: int) -> Tensor:
     """How many (token, slot) pairs of one rank go to each rank: [T, K] -> [W] int64."""
     per_rank = check_world_size(num_experts, world_size)
-    _check_expert_ids(topk_indices, "topk_indices", num_experts)
+    check_expert_ids(topk_indices, num_experts, "topk_indices")
     owner = torch.div(topk_indices.reshape(-1), per_rank, rounding_mode="floor")  # [T*K]
     return torch.bincount(owner, minlength=world_size)
 
@@ -145,7 +130,7 @@ def traffic_matrix(topk_indices_per_rank: Sequence[Tensor], num_experts: int, wo
             "[T, K] tensor of expert ids per rank"
         )
     for i, idx in enumerate(topk_indices_per_rank):
-        _check_expert_ids(idx, f"topk_indices_per_rank[{i}]", num_experts)
+        check_expert_ids(idx, num_experts, f"topk_indices_per_rank[{i}]")
     if len(topk_indices_per_rank) != world_size:
         raise ValueError(
             f"topk_indices_per_rank has {len(topk_indices_per_rank)} entries: expected one per rank "
@@ -481,38 +466,11 @@ class EPMoE(nn.Module):
             grads[name] = g
         return grads
 
-    def _check_input(self, hidden_states: Tensor) -> None:
-        """A floating [..., H] tensor on the weights' device and of their dtype, or a clear error."""
-        h = self.config.hidden_size
-        if not isinstance(hidden_states, Tensor):
-            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() == 0 or hidden_states.shape[-1] != h:
-            raise ValueError(
-                f"hidden_states has shape {tuple(hidden_states.shape)}: its last dimension must be "
-                f"hidden_size={h}"
-            )
-        if not hidden_states.is_floating_point():
-            raise TypeError(
-                f"hidden_states has dtype {hidden_states.dtype}: a floating-point tensor is required "
-                "(token representations, not token ids)"
-            )
-        weight = self.experts.gate_up_proj
-        if hidden_states.device != weight.device:
-            raise ValueError(
-                f"hidden_states is on {hidden_states.device} but the layer's weights are on "
-                f"{weight.device}: move one of them (e.g. ep.to(hidden_states.device))"
-            )
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise ValueError(
-                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
-                f"{weight.dtype}: cast one of them (e.g. ep.to({hidden_states.dtype}))"
-            )
-
     def forward(self, hidden_states: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, EPStats]:
         """This rank's tokens [..., H] -> [..., H]; with ``return_stats`` also the EPStats."""
         cfg, world, e_local = self.config, self.world_size, self.num_local
         h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
-        self._check_input(hidden_states)
+        check_layer_input(hidden_states, h, self.experts.gate_up_proj, "ep")
         orig_shape = hidden_states.shape
         x = hidden_states.reshape(-1, h)  # [T, H]
         tokens = x.shape[0]

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .balance import expert_load, load_balancing_loss, max_violation, update_bias
+from .config import int_at_least
 from .data import Batch, BatchLoader, ByteTokenizer, Corpus, eval_batches, load_corpus, split_corpus
 from .device import keep_freed_cpu_memory
 from .model import GLMMoEModel, ModelConfig, model_preset
@@ -815,45 +816,31 @@ def route_text(model: GLMMoEModel, text: str) -> tuple[list[str], list[RouterOut
 # ---- command line --------------------------------------------------------------------------------
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v} is not allowed: it must be >= {low}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m glm4moe_lib.train",
         description="Train the tiny GLM-4-style MoE language model on the course corpus.",
     )
     p.add_argument("--preset", default="tiny", help=f"model and training preset: {sorted(TRAIN_PRESETS)}")
-    p.add_argument("--steps", type=_int_at_least(1), help="training steps (default: the preset's)")
-    p.add_argument("--batch-size", type=_int_at_least(1))
-    p.add_argument("--seq-len", type=_int_at_least(1))
+    p.add_argument("--steps", type=int_at_least(1), help="training steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int_at_least(1))
+    p.add_argument("--seq-len", type=int_at_least(1))
     p.add_argument("--lr", type=float)
     p.add_argument("--balance", choices=BALANCE_MODES, help="load balancing (default aux_loss_free)")
     p.add_argument("--aux-loss-coef", type=float)
     p.add_argument("--bias-update-rate", type=float)
     p.add_argument("--dense", action="store_true", help="train the dense twin with equal active parameters")
-    p.add_argument("--eval-interval", type=_int_at_least(0))
-    p.add_argument("--checkpoint-interval", type=_int_at_least(0))
-    p.add_argument("--seed", type=_int_at_least(0))
+    p.add_argument("--eval-interval", type=int_at_least(0))
+    p.add_argument("--checkpoint-interval", type=int_at_least(0))
+    p.add_argument("--seed", type=int_at_least(0))
     p.add_argument("--device", help="cpu, cuda, mps or auto (default cpu)")
-    p.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (fixed for reproducible runs)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (fixed for reproducible runs)")
     p.add_argument("--data-dir", help="corpus folder (default data/corpus)")
     p.add_argument("--out", help="folder for metrics.json and checkpoint.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument(
-        "--samples", type=_int_at_least(0), default=120, help="bytes sampled per domain prompt at the end"
+        "--samples", type=int_at_least(0), default=120, help="bytes sampled per domain prompt at the end"
     )
     return p
 

@@ -20,6 +20,17 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module's tests, restored afterwards: tiny matrices run
+    fastest that way on a shared CPU, and the runs stay reproducible. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def idle_thread():
     """``with idle_thread(owner) as taken_over:`` runs the C kernel's parallel calls with thread

@@ -80,6 +80,11 @@ def test_from_hf_and_to_hf_round_trip():
     cfg = MoEConfig.from_hf(hf)
     assert cfg.scoring_func == "sigmoid"
     assert (cfg.hidden_size, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob) == (48, 3, 2, False)
+    # a mapping of the same fields (its to_dict(), a config.json) gives the same config, not the defaults
+    from_dict = MoEConfig.from_hf(hf.to_dict())
+    assert from_dict == cfg
+    assert from_dict != MoEConfig()
+    assert MoEConfig.from_hf(hf.to_dict(), dispatch="loop").dispatch == "loop"
     back = cfg.to_hf()
     for name in (
         "hidden_size",

@@ -139,7 +139,7 @@ def test_viz_dispatch_expert_ids_checked(fn):
         fn(torch.tensor([[8, 9], [10, 11]]))
     with pytest.raises(ValueError, match=r"top_k_index holds expert ids from -1 to 0"):
         fn(torch.tensor([[-1, 0]]))
-    with pytest.raises(TypeError, match="top_k_index has dtype torch.float32"):
+    with pytest.raises(ValueError, match="top_k_index has dtype torch.float32"):
         fn(torch.tensor([[0.0, 1.0]]))
     with pytest.raises(TypeError, match="top_k_index is a list"):
         fn([[0, 1]])
@@ -171,7 +171,7 @@ def test_owner_and_counts_check_expert_ids():
         send_counts(torch.tensor([[8, 9]]), 8, 2)
     with pytest.raises(ValueError, match=r"expert holds expert ids from -1 to 8"):
         expert_owner(torch.tensor([8, -1]), 8, 2)
-    with pytest.raises(TypeError, match="topk_indices has dtype torch.float32"):
+    with pytest.raises(ValueError, match="topk_indices has dtype torch.float32"):
         send_counts(torch.tensor([[0.0, 1.0]]), 8, 2)
     with pytest.raises(ValueError, match=r"topk_indices_per_rank\[1\] holds expert ids from 1 to 9"):
         traffic_matrix([torch.tensor([[1, 7]]), torch.tensor([[1, 9]])], 8, 2)
@@ -201,7 +201,7 @@ def test_epmoe_checks_its_input():
     ep = EPMoE(CFG)
     with pytest.raises(ValueError, match="hidden_states has dtype torch.float64 .*torch.float32"):
         ep(torch.randn(3, 16, dtype=torch.float64))
-    with pytest.raises(TypeError, match="hidden_states has dtype torch.int64: a floating-point"):
+    with pytest.raises(ValueError, match="hidden_states has dtype torch.int64: a floating-point"):
         ep(torch.ones(3, 16, dtype=torch.long))
     with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor, got list"):
         ep([[0.0] * 16])

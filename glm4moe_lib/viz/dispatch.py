@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..dispatch import capacity_keep_mask, expert_capacity, plan_dispatch
+from ..dispatch import _check_index, capacity_keep_mask, expert_capacity, plan_dispatch
 from .core import PALETTE, close, to_numpy
 
 __all__ = [
@@ -31,27 +31,6 @@ __all__ = [
 ]
 
 # ---- the numbers ---------------------------------------------------------------------------------
-
-
-def _check_index(top_k_index: Tensor, num_experts: int) -> None:
-    """A [tokens, K] integer tensor of expert ids in [0, num_experts), or a clear error."""
-    if not isinstance(top_k_index, Tensor):
-        raise TypeError(
-            f"top_k_index is a {type(top_k_index).__name__}: pass a [tokens, K] integer tensor of expert ids"
-        )
-    if top_k_index.dim() != 2:
-        raise ValueError(f"top_k_index has shape {tuple(top_k_index.shape)}: expected [tokens, K]")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
-    if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
-        raise TypeError(f"top_k_index has dtype {top_k_index.dtype}: an integer (int64) tensor is required")
-    if top_k_index.numel():
-        lo, hi = int(top_k_index.min()), int(top_k_index.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(
-                f"top_k_index holds expert ids from {lo} to {hi}: they must lie in [0, {num_experts}) "
-                f"for num_experts={num_experts}"
-            )
 
 
 def capacity_drops(top_k_index: Tensor, num_experts: int, capacity_factor: float) -> tuple[int, int]:

@@ -17,7 +17,8 @@ from matplotlib.patches import Patch
 from torch import Tensor
 
 from ..config import MoEConfig
-from ..parallel import _check_expert_ids, check_world_size, comm_bytes_per_token
+from ..dispatch import check_expert_ids
+from ..parallel import check_world_size, comm_bytes_per_token
 from .core import PALETTE, close, heatmap, to_numpy
 
 
@@ -47,7 +48,7 @@ def plot_token_routes(
             f"{'a tensor' if isinstance(topk_indices_per_rank, Tensor) else len(topk_indices_per_rank)}"
         )
     for src, idx in enumerate(topk_indices_per_rank):
-        _check_expert_ids(idx, f"topk_indices_per_rank[{src}]", num_experts)
+        check_expert_ids(idx, num_experts, f"topk_indices_per_rank[{src}]")
         if idx.dim() != 2:
             raise ValueError(f"topk_indices_per_rank[{src}] has shape {tuple(idx.shape)}: expected [T, K]")
         if keep_per_rank is not None and (

@@ -15,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
+from ..dispatch import check_expert_ids
 from ..router import RouterOutput
 from .core import CMAP, PALETTE, close, heatmap, load_bars, to_numpy
 
@@ -23,17 +24,9 @@ SHOW_CHOICES = ("weights", "scores")
 
 def dense_weights(topk_weights: torch.Tensor, topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Scatter the [T, K] routing weights into a [T, E] matrix (zero for experts not chosen)."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
-    if not isinstance(topk_indices, torch.Tensor) or topk_indices.dim() != 2:
-        shape = (
-            tuple(topk_indices.shape)
-            if isinstance(topk_indices, torch.Tensor)
-            else type(topk_indices).__name__
-        )
-        raise ValueError(f"topk_indices has shape {shape}: expected [tokens, K]")
-    if topk_indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"topk_indices has dtype {topk_indices.dtype}: integer expert ids are required")
+    check_expert_ids(topk_indices, num_experts, "topk_indices")
+    if topk_indices.dim() != 2:
+        raise ValueError(f"topk_indices has shape {tuple(topk_indices.shape)}: expected [tokens, K]")
     if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_indices.shape:
         shape = (
             tuple(topk_weights.shape)
@@ -43,12 +36,6 @@ def dense_weights(topk_weights: torch.Tensor, topk_indices: torch.Tensor, num_ex
         raise ValueError(
             f"topk_weights has shape {shape}: it must match topk_indices {tuple(topk_indices.shape)}"
         )
-    if topk_indices.numel():
-        low, high = (int(v) for v in torch.aminmax(topk_indices))
-        if low < 0 or high >= num_experts:
-            raise ValueError(
-                f"topk_indices holds expert ids from {low} to {high}: they must lie in [0, {num_experts})"
-            )
     t = topk_indices.shape[0]
     out = torch.zeros(t, num_experts, dtype=torch.float32, device=topk_indices.device)  # [T, E]
     return out.scatter_add_(1, topk_indices.long(), topk_weights.float())
