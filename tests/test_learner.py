@@ -71,6 +71,45 @@ def test_make_learner_notebook_clears_outputs(tmp_path):
     assert out.cells[1].execution_count is None
 
 
+def _write_nb(path: Path, source: str) -> Path:
+    nb = new_notebook()
+    nb.cells = [new_code_cell(source)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_cli_writes_nothing_when_a_later_notebook_has_broken_markers(tmp_path, capsys):
+    good = _write_nb(tmp_path / "a_good.ipynb", SOLVED)
+    broken = _write_nb(tmp_path / "b_broken.ipynb", f"{BEGIN}\nx = 1")  # never closed
+    out = tmp_path / "learner"
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), str(good), str(broken)])
+    err = capsys.readouterr().err
+    assert "b_broken.ipynb" in err and "never closed" in err and "nothing was written" in err
+    assert not out.exists() or list(out.iterdir()) == []  # not even the good notebook's version
+
+
+def test_cli_refuses_two_notebooks_with_one_output_name(tmp_path, capsys):
+    first = _write_nb(tmp_path / "one" / "lesson.ipynb", SOLVED)
+    second = _write_nb(tmp_path / "two" / "lesson.ipynb", SOLVED)
+    out = tmp_path / "learner"
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), str(first), str(second)])
+    assert "would both be written" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_replaces_an_existing_output_whole_and_leaves_no_temporary_files(tmp_path):
+    src = _write_nb(tmp_path / "lesson.ipynb", SOLVED)
+    out = tmp_path / "learner"
+    (out).mkdir()
+    (out / "lesson.ipynb").write_text("an old learner version")
+    assert main(["--out", str(out), str(src), str(src)]) == 0  # named twice: written once
+    assert sorted(p.name for p in out.iterdir()) == ["lesson.ipynb"]
+    assert STUB in nbformat.read(out / "lesson.ipynb", as_version=4).cells[0].source
+
+
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_lesson_has_solutions_and_checks(lesson):
     nb = nbformat.read(NOTEBOOKS / f"{lesson}.ipynb", as_version=4)

@@ -17,8 +17,10 @@ the notebook still runs top to bottom and its checks answer "not done yet".
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -66,14 +68,9 @@ def read_notebook(path: Path) -> nbformat.NotebookNode:
         ) from None
 
 
-def make_learner_notebook(src: Path, dst: Path) -> int:
-    """Write the learner version of ``src`` to ``dst``; return how many solutions were stubbed."""
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise ValueError(
-            f"dst={str(dst)!r} is not allowed: it is the source notebook {str(src)!r}, whose solutions "
-            "would be overwritten by stubs; write the learner version somewhere else"
-        )
+def learner_notebook(src: Path) -> tuple[nbformat.NotebookNode, int]:
+    """The learner version of the notebook at ``src`` (in memory) and how many solutions it stubbed;
+    a ValueError names the notebook and the line of a broken marker."""
     nb = read_notebook(src)
     count = 0
     for cell in nb.cells:
@@ -87,8 +84,34 @@ def make_learner_notebook(src: Path, dst: Path) -> int:
                 raise ValueError(f"{src}: {exc}") from None
         cell.outputs = []
         cell.execution_count = None
+    return nb, count
+
+
+def write_notebook(nb: nbformat.NotebookNode, dst: Path) -> None:
+    """Write ``nb`` to ``dst`` atomically: a temporary file beside it, then a rename, so an
+    interrupted write leaves the old file (or none), never half a notebook."""
+    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_learner_notebook(src: Path, dst: Path) -> int:
+    """Write the learner version of ``src`` to ``dst``; return how many solutions were stubbed."""
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(
+            f"dst={str(dst)!r} is not allowed: it is the source notebook {str(src)!r}, whose solutions "
+            "would be overwritten by stubs; write the learner version somewhere else"
+        )
+    nb, count = learner_notebook(src)
+    write_notebook(nb, dst)
     return count
 
 
@@ -106,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if folder.exists() and not folder.is_dir():
             parser.error(f"--out {str(args.out)!r} is not allowed: {str(folder)!r} is a file, not a folder")
     inputs = {p.resolve(): p for p in paths}
+    outputs: dict[Path, Path] = {}
     for path in paths:
         dst = args.out / path.name
         if dst.resolve() in inputs:
@@ -116,12 +140,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         if dst.is_dir():
             parser.error(f"--out {str(args.out)!r} is not allowed: {str(dst)!r} is a folder, not a file")
+        if dst.resolve() in outputs and outputs[dst.resolve()].resolve() != path.resolve():
+            parser.error(
+                f"{str(outputs[dst.resolve()])!r} and {str(path)!r} would both be written to {str(dst)!r}: "
+                "name notebooks with different file names (or run once per folder with its own --out)"
+            )
+        outputs[dst.resolve()] = path
+    # every learner version is built in memory first: a broken marker in the last notebook stops
+    # the run before anything is written
+    built = []
+    for path in dict.fromkeys(paths):  # (a notebook named twice is written once)
         try:
-            read_notebook(path)
+            built.append((path, *learner_notebook(path)))
         except ValueError as exc:
-            parser.error(str(exc))
-    for path in paths:
-        n = make_learner_notebook(path, args.out / path.name)
+            parser.error(f"{exc} (nothing was written)")
+    for path, nb, n in built:
+        write_notebook(nb, args.out / path.name)
         print(f"{path} -> {args.out / path.name} ({n} exercise(s) stubbed)")
     return 0
 
