@@ -151,7 +151,25 @@ def balance_loss(logits, k):
 
 
 def balance_loss_float(logits, k):
-    return float(balance_loss(logits, k))
+    return balance_loss(logits, k).item()
+
+
+def balance_loss_detached(logits, k):
+    return balance_loss(logits, k).detach()
+
+
+def balance_loss_rebuilt(logits, k):
+    return torch.tensor(balance_loss(logits, k).item(), requires_grad=True)
+
+
+def balance_loss_grad_through_f(logits, k):
+    """The right value, but the gradient also flows through a soft f (a straight-through count)."""
+    t, e = logits.shape
+    p = F.softmax(logits, dim=-1)
+    hard = F.one_hot(p.topk(k, dim=-1).indices, e).sum(1).float()
+    soft = p * k
+    f = (hard - soft).detach() + soft  # value of the hard counts, gradient of the soft ones
+    return e * (f.mean(0) * p.mean(0)).sum()
 
 
 def balance_wrong_dim(logits, k):
@@ -181,10 +199,25 @@ def balance_soft_f(logits, k):
     return logits.shape[1] * (p.mean(0) * p.mean(0)).sum()
 
 
-@pytest.mark.parametrize("fn", [balance_loss, balance_loss_float])
-def test_balance_loss_correct(fn):
-    result = check_balance_loss(fn)
+def test_balance_loss_correct():
+    result = check_balance_loss(balance_loss)
     assert result.passed, result.message
+
+
+@pytest.mark.parametrize(
+    "fn, words",
+    [
+        (balance_loss_float, "carries no gradient"),
+        (balance_loss_detached, "carries no gradient"),
+        (balance_loss_rebuilt, "does not depend on the router logits"),
+        (balance_loss_grad_through_f, "its gradient with respect to the logits is not"),
+    ],
+)
+def test_balance_loss_without_the_right_gradient_fails(fn, words):
+    """The value alone is not enough: training adds this loss to the task loss for its gradient."""
+    result = check_balance_loss(fn)
+    assert not result.passed and result.status == "failed"
+    assert "the value is right" in result.message and words in result.message, result.message
 
 
 @pytest.mark.parametrize(
@@ -359,6 +392,16 @@ def moe_unweighted(moe, x):
 def test_moe_forward_correct():
     result = check_moe_forward(moe_forward)
     assert result.passed, result.message
+
+
+@pytest.mark.parametrize(
+    "call", [lambda moe, x: moe(x), lambda moe, x: moe.forward(x)], ids=["call", "forward"]
+)
+def test_moe_forward_calling_the_finished_layer_is_refused(call):
+    """moe(x) would pass without doing the exercise: the learner's layer refuses it, saying why."""
+    result = check_moe_forward(call)
+    assert not result.passed
+    assert "moe(x) runs the library's finished layer" in result.message and "moe.gate(x)" in result.message
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,21 @@ def _rms_todo(x, weight, eps=1e-6):
     raise NotImplementedError
 
 
+def _rms_in_input_dtype(x, weight, eps=1e-6):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rms_not_cast_back(x, weight, eps=1e-6):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rms_weight_in_float32(x, weight, eps=1e-6):
+    xf = x.float()
+    y = weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(torch.promote_types(x.dtype, weight.dtype))
+
+
 def test_check_rms_norm():
     assert check_rms_norm(_rms_ok).passed
     r = check_rms_norm(_rms_layernorm)
@@ -240,6 +255,16 @@ def test_check_rms_norm():
     r = check_rms_norm(_rms_no_eps)
     assert not r.passed and "eps" in r.message
     assert check_rms_norm(_rms_todo).status == "not done"
+
+
+def test_check_rms_norm_needs_float32_math_and_the_input_dtype_back():
+    """The exercise says: arithmetic in float32, cast back; a float16 case checks both."""
+    r = check_rms_norm(_rms_in_input_dtype)  # right in float32, but x² overflows in float16
+    assert not r.passed and "overflows float16" in r.message and "float16 activations" in r.message, r.message
+    r = check_rms_norm(_rms_not_cast_back)
+    assert not r.passed and "dtype torch.float32" in r.message and "cast" in r.message, r.message
+    # one rounding step apart from the reference (weight applied in float32): still correct
+    assert check_rms_norm(_rms_weight_in_float32).passed
 
 
 def _spec_ok(topk_indices, domain_ids, n_domains, n_experts):

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .core import Case, CheckResult, Mistake, check_function
+from .core import Case, CheckResult, Mistake, check_function, compare_values
 
 __all__ = [
     "check_rms_norm",
@@ -61,6 +62,22 @@ def _no_eps(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True))).to(x.dtype)
 
 
+def _no_float32(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))  # in x's own dtype
+
+
+def _compare_rms(got: Any, expected: Any) -> str | None:
+    """compare_values, with the dtype checked (the result is cast back to the input's dtype) and a
+    float16 case compared to float16's precision (one rounding step either way is fine)."""
+    if isinstance(got, Tensor) and isinstance(expected, Tensor) and got.dtype != expected.dtype:
+        return (
+            f"it returned dtype {got.dtype}, but {expected.dtype} is expected: cast the normalized x back to "
+            "the input's dtype (x.to(input_dtype)) before multiplying by weight, as GLM-4 does"
+        )
+    low = isinstance(expected, Tensor) and expected.dtype in (torch.float16, torch.bfloat16)
+    return compare_values(got, expected, atol=1e-2, rtol=1e-2) if low else compare_values(got, expected)
+
+
 def _rms_cases() -> list[Case]:
     g = torch.Generator().manual_seed(8)
     return [
@@ -73,6 +90,13 @@ def _rms_cases() -> list[Case]:
             "small values and eps=0.1 (eps matters here)",
             (torch.randn(5, 6, generator=g) * 0.05, torch.rand(6, generator=g) + 0.5),
             {"eps": 0.1},
+        ),
+        Case(
+            "float16 activations of size ~300 (x² overflows float16)",
+            (
+                (torch.randn(4, 32, generator=g) * 300).half(),
+                (torch.rand(32, generator=g) + 0.5).half(),
+            ),
         ),
     ]
 
@@ -101,7 +125,14 @@ def check_rms_norm(fn: Callable[..., Tensor]) -> CheckResult:
                 _wrong_dim,
             ),
             Mistake("you left out eps: add it inside the square root, rsqrt(mean(x²) + eps).", _no_eps),
+            Mistake(
+                "you did the arithmetic in float16: x² overflows float16 (largest value 65504) for entries "
+                "above about 256, so mean(x²) is inf and the output 0. Compute in float32 (x.float()), then "
+                "cast back to the input's dtype.",
+                _no_float32,
+            ),
         ],
+        compare=_compare_rms,
     )
 
 

@@ -20,7 +20,7 @@ from ..dispatch import plan_dispatch
 from ..moe import MoE
 from ..router import route
 from ..viz.dispatch import capacity_drops
-from .core import Case, CheckResult, Mistake, check_function, compare_values
+from .core import Case, CheckResult, Mistake, check_function, compare_values, describe
 
 __all__ = [
     "check_balance_loss",
@@ -212,21 +212,57 @@ def check_capacity(fn: Callable[..., Any]) -> CheckResult:
 def _compare_scalar(got: Any, expected: Any) -> str | None:
     if isinstance(got, Tensor) and got.numel() != 1:
         return f"it should return one number (a 0-d tensor), but returned shape {list(got.shape)}"
+    got = got.detach() if isinstance(got, Tensor) else got  # (the value only: the gradient is checked apart)
+    expected = expected.detach() if isinstance(expected, Tensor) else expected
     return compare_values(got, float(expected), atol=1e-6, rtol=1e-5)
 
 
 def check_balance_loss(fn: Callable[..., Any]) -> CheckResult:
-    """``fn(router_logits [T, E], top_k) -> loss`` (a number): transformers' auxiliary loss
+    """``fn(router_logits [T, E], top_k) -> loss`` (a 0-d tensor): transformers' auxiliary loss
     ``E * sum_e f_e * P_e`` with p = softmax over the experts, f_e = (top-K picks of e) / T and
-    P_e = mean over tokens of p_e. With ``top_k=1`` it is the Switch Transformer's loss."""
+    P_e = mean over tokens of p_e. With ``top_k=1`` it is the Switch Transformer's loss. The loss
+    must carry the gradient to the logits (through P_e), since training adds it to the task loss:
+    a Python number, or a tensor cut from the graph, is reported as such."""
     g = _gen(7)
     skew = torch.randn(6, 8, generator=g)
     skew[:, 0] += 2.0
+    skew.requires_grad_(True)
+    uneven = (torch.randn(12, 4, generator=g) * 2).requires_grad_(True)
     cases = [
         Case("Switch: 6 tokens, top-1 of 8", (skew, 1)),
-        Case("12 tokens, top-2 of 4", (torch.randn(12, 4, generator=g) * 2, 2)),
+        Case("12 tokens, top-2 of 4", (uneven, 2)),
         Case("6 tokens, top-3 of 8, expert 0 popular", (skew, 3)),
     ]
+    leaves = (skew, uneven)
+
+    def compare(got: Any, expected: Any) -> str | None:
+        why = _compare_scalar(got, expected)
+        if why is not None:
+            return why
+        if not (isinstance(got, Tensor) and got.requires_grad):
+            return (
+                f"the value is right, but the loss carries no gradient: it returned {describe(got)}"
+                f"{'' if isinstance(got, Tensor) else ' (a plain number)'}. Return the tensor itself "
+                "(no .item(), float(), .detach() or torch.tensor(...) around it), so that loss.backward() "
+                "reaches the router logits through P_e"
+            )
+        got_grads = torch.autograd.grad(got.sum(), leaves, retain_graph=True, allow_unused=True)
+        want_grads = torch.autograd.grad(expected, leaves, retain_graph=True, allow_unused=True)
+        if all(g is None for g in got_grads):
+            return (
+                "the value is right, but the loss does not depend on the router logits (it was rebuilt from "
+                "a number?): compute it from router_logits with torch ops, so that loss.backward() reaches "
+                "them through P_e"
+            )
+        for got_g, want_g in zip(got_grads, want_grads):
+            if want_g is None:
+                continue
+            if got_g is None or not torch.allclose(got_g.double(), want_g.double(), atol=1e-6, rtol=1e-4):
+                return (
+                    "the value is right, but its gradient with respect to the logits is not: only "
+                    "P_e (the softmax probabilities) should carry it; f_e counts hard top-K picks"
+                )
+        return None
 
     def probs(logits, dim=-1):
         return logits.float().softmax(dim)
@@ -269,9 +305,7 @@ def check_balance_loss(fn: Callable[..., Any]) -> CheckResult:
             lambda x, k: generic(x, k, x),
         ),
     ]
-    return check_function(
-        "auxiliary balance loss", fn, load_balancing_loss, cases, mistakes, compare=_compare_scalar
-    )
+    return check_function("auxiliary balance loss", fn, load_balancing_loss, cases, mistakes, compare=compare)
 
 
 # ---- lesson 06: bias update --------------------------------------------------------------------------
@@ -471,9 +505,21 @@ def check_glm4_router(fn: Callable[..., Any]) -> CheckResult:
 # ---- lesson 07: the whole layer ----------------------------------------------------------------------
 
 
+class _PartsOnlyMoE(MoE):
+    """The layer a learner gets in :func:`check_moe_forward`: calling it whole (``moe(x)``) would
+    skip the exercise, so that raises; its parts (gate, experts, shared_experts) work as usual."""
+
+    def forward(self, hidden_states, return_routing=False):
+        raise RuntimeError(
+            "moe(x) runs the library's finished layer, which this exercise asks you to build: call its "
+            "parts instead: routing = moe.gate(x), then moe.experts(x, routing.topk_indices, "
+            "routing.topk_weights), plus moe.shared_experts(x)"
+        )
+
+
 def _moe_case(name: str, config: MoEConfig, tokens: int, seed: int) -> Case:
     torch.manual_seed(seed)
-    moe = MoE(config).eval()
+    moe = _PartsOnlyMoE(config).eval()
     with torch.no_grad():
         moe.gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts) * 0.2)
     x = torch.randn(tokens, config.hidden_size, generator=_gen(seed))
@@ -482,7 +528,8 @@ def _moe_case(name: str, config: MoEConfig, tokens: int, seed: int) -> Case:
 
 def check_moe_forward(fn: Callable[..., Any]) -> CheckResult:
     """``fn(moe, x [T, H]) -> out [T, H]``: the GLM-4.5 MoE layer assembled from its parts:
-    ``moe.gate`` (routing), ``moe.experts`` (dispatch + combine) and ``moe.shared_experts``."""
+    ``moe.gate`` (routing), ``moe.experts`` (dispatch + combine) and ``moe.shared_experts``.
+    Calling the finished layer (``moe(x)``) raises, with a message saying so."""
     cases = [
         _moe_case(
             "tiny: top-2 of 8, one shared expert", MoEConfig(hidden_size=16, moe_intermediate_size=8), 6, 0
@@ -506,7 +553,7 @@ def check_moe_forward(fn: Callable[..., Any]) -> CheckResult:
 
     def reference(moe, x):
         with torch.no_grad():
-            return moe(x)
+            return MoE.forward(moe, x)  # the library's layer (the learner's copy refuses moe(x))
 
     def no_shared(moe, x):
         with torch.no_grad():
