@@ -47,7 +47,9 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 #: The playground's controls (glm4moe_lib.widgets.playground.LABELS), found by their labels.
-PLAYGROUND_LABELS = ["experts", "top-K", "scoring", "temperature", "balancing", "steps"]
+PLAYGROUND_LABELS = [
+    "experts", "top-K", "scoring", "temperature", "input skew", "batch seed", "balancing", "strength", "steps"
+]  # fmt: skip
 VOILA_MOVES = ["experts", "top-K", "balancing"]
 INSTALL_HINT = (
     "Chromium not found: install Debian's browser with `apt-get update && apt-get install -y chromium` "

@@ -15,7 +15,7 @@ from glm4moe_lib.viz.playground import (
     playground_figure,
     simulate_playground,
 )
-from glm4moe_lib.widgets.playground import LABELS, Playground
+from glm4moe_lib.widgets.playground import DEFAULTS, LABELS, Playground
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +128,16 @@ def test_dashboard_builds(dash):
         ("top_k", 3),
         ("scoring_func", "softmax"),
         ("temperature", 0.3),
+        ("skew", 0.5),
+        ("seed", 3),
         ("balancing", "bias updates"),
+        ("strength", 0.1),
         ("steps", 20),
     ],
 )
 def test_each_control_recomputes(name, value):
     dash = Playground()
-    if name == "steps":
+    if name in ("steps", "strength"):
         dash.set(balancing="switch aux loss")
     image, state, redraws = dash.image.value, dash.state, dash.redraws
     dash.controls[name].value = value  # as the browser does: one trait change
@@ -167,3 +170,76 @@ def test_set_clamps_numbers_and_rejects_bad_choices(dash):
     with pytest.raises(ValueError, match="top_k"):
         dash.set(top_k="two")
     dash.set(num_experts=8, top_k=2, temperature=1.0, steps=50)
+
+
+# ---- balancing has a price; the batch can change ----------------------------------------------------
+
+
+def test_aux_loss_strength_trades_balance_for_moved_picks():
+    """alpha sets the trade-off against the stand-in task loss: more balance, more tokens moved."""
+    weak, default = (simulate_playground(balancing="switch aux loss", strength=a) for a in (0.1, 1.0))
+    start = weak.max_vio_history[0]
+    assert start > default.max_vio_history[-1]
+    assert weak.max_vio > default.max_vio and weak.moved < default.moved
+    assert 0.5 * start < weak.max_vio < start  # a little balance, a few tokens moved
+    assert default.max_vio < 0.5 * start and default.moved > 0.05
+    assert (weak.coef, default.coef) == (0.1, 1.0)
+
+
+def test_bias_strength_scales_the_step_u():
+    one, five = (simulate_playground(balancing="bias updates", strength=s, steps=5) for s in (1.0, 5.0))
+    assert five.coef == pytest.approx(5 * one.coef) and one.coef > 0
+    assert five.bias.abs().max() == pytest.approx(5 * one.bias.abs().max())  # sign steps of u each
+
+
+def test_moved_counts_picks_that_left_their_first_expert():
+    none = simulate_playground()
+    assert none.moved == 0.0 and none.coef == 0.0
+    s = simulate_playground(balancing="bias updates")
+    first = torch.zeros(256, 8).scatter_(1, (none.weights > 0).float().topk(2).indices, 1.0)
+    now = (s.weights > 0).float()
+    assert s.moved == pytest.approx(1 - float((first * now).sum()) / (256 * 2))
+    assert 0 < s.moved < 1
+
+
+def test_skew_and_seed_change_the_batch():
+    flat, steep = simulate_playground(skew=0.0), simulate_playground(skew=4.0)
+    assert flat.max_vio < simulate_playground().max_vio < steep.max_vio  # the shared direction skews
+    other = simulate_playground(seed=3)
+    assert not torch.equal(other.load, simulate_playground().load) and other.seed == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"strength": 0.0}, "strength"),
+        ({"strength": 11.0}, "strength"),
+        ({"skew": -1.0}, "skew"),
+        ({"skew": "a"}, "skew"),
+    ],
+)
+def test_new_parameters_are_checked(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        simulate_playground(**kwargs)
+
+
+def test_reset_restores_the_start_and_redraws_once():
+    dash = Playground(seed=4)
+    assert dash.seed == 4 and dash.state.seed == 4
+    dash.set(num_experts=16, balancing="bias updates", strength=3.0, skew=0.5, seed=7)
+    redraws = dash.redraws
+    dash.reset_button.click()  # as the browser does
+    assert dash.redraws == redraws + 1
+    assert dash.settings == {**DEFAULTS, "seed": 4}
+    assert dash.state.balancing == "none" and dash.state.num_experts == 8
+
+
+def test_set_clamps_the_log_slider_to_its_range(dash):
+    assert dash.set(strength=1000).strength == 10.0
+    assert dash.set(strength=1e-6).strength == pytest.approx(0.01)
+    dash.set(strength=1.0)
+
+
+def test_seed_outside_the_slider_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        Playground(seed=100)

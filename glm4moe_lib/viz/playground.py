@@ -3,7 +3,9 @@
 :func:`simulate_playground` does the work (pure torch, no widgets): a fixed batch of tokens that
 share a common direction (so an untrained router is visibly unbalanced), a fixed router, and
 optionally a few balancing steps: the Switch-style auxiliary loss (gradient steps on the router
-weights) or the auxiliary-loss-free bias update (Wang et al. 2024, as in GLM-4.5).
+weights, against a stand-in for the task loss) or the auxiliary-loss-free bias update (Wang et al.
+2024, as in GLM-4.5). Balancing is never free: it sends some tokens to experts their router likes
+less, and the state counts them (``moved``).
 :func:`playground_figure` draws the result: the routing heatmap, the load bars and MaxVio per step.
 The interactive dashboard (``glm4moe_lib.widgets.playground``) calls the same two functions.
 """
@@ -16,6 +18,7 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
@@ -32,10 +35,13 @@ MAX_EXPERTS = 64
 MAX_TOP_K = 8
 MAX_STEPS = 200
 TEMPERATURE_RANGE = (0.1, 5.0)
+STRENGTH_RANGE = (0.01, 10.0)  # alpha of the aux loss; for bias updates, a multiple of BIAS_RATE
+SKEW_RANGE = (0.0, 4.0)  # length of the direction every token shares (0: no common direction)
+DEFAULT_SKEW = 2.0
 
 HIDDEN = 32  # width of the toy token representations
 SHOWN_TOKENS = 32  # rows of the heatmap (the load uses the whole batch)
-AUX_LR = 0.1  # SGD learning rate on the auxiliary loss alone (no language-model loss here)
+AUX_LR = 0.1  # SGD learning rate on task + alpha * aux (task: stay near the router's first choices)
 BIAS_RATE = 0.005  # u in b_i += u * sign(mean load - load_i), in units of the mean top-K score
 
 
@@ -55,6 +61,11 @@ class PlaygroundState:
     max_vio: float  # MaxVio after balancing
     max_vio_history: list[float] = field(default_factory=list)  # MaxVio at step 0, 1, ..., steps
     bias: Tensor | None = None  # [E] selection bias ("bias updates" only)
+    strength: float = 1.0  # alpha (aux loss) or u / (BIAS_RATE * mean top-K score) (bias updates)
+    skew: float = DEFAULT_SKEW  # the batch's shared direction (see toy_batch)
+    seed: int = 0  # the batch and the router
+    moved: float = 0.0  # share of the (token, expert) picks that balancing moved to another expert
+    coef: float = 0.0  # the coefficient balancing used: alpha, or the bias step u (0 without balancing)
 
     @property
     def tokens(self) -> int:
@@ -80,15 +91,16 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
 
 
-def toy_batch(tokens: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
+def toy_batch(tokens: int = 256, seed: int = 0, skew: float = DEFAULT_SKEW) -> tuple[Tensor, Tensor]:
     """A fixed token batch x [T, HIDDEN] and router weights W [MAX_EXPERTS, HIDDEN].
 
-    The tokens share a common direction (as real hidden states do), so the untrained router
-    prefers a few experts. Using the first E rows of W keeps expert e the same for every E.
+    The tokens share a common direction of length ``skew`` (as real hidden states do), so the
+    untrained router prefers a few experts; ``skew=0`` gives tokens with no common direction. Using
+    the first E rows of W keeps expert e the same for every E.
     """
     g = torch.Generator().manual_seed(seed)
     common = torch.randn(HIDDEN, generator=g)
-    common = 2.0 * common / common.norm()
+    common = skew * common / common.norm()
     x = common + torch.randn(tokens, HIDDEN, generator=g)  # [T, H]
     w = torch.randn(MAX_EXPERTS, HIDDEN, generator=g) / HIDDEN**0.5  # [E_max, H]
     return x, w
@@ -103,16 +115,24 @@ def simulate_playground(
     steps: int = 50,
     tokens: int = 256,
     seed: int = 0,
+    strength: float = 1.0,
+    skew: float = DEFAULT_SKEW,
 ) -> PlaygroundState:
     """Route a fixed batch with these settings; with ``balancing``, run ``steps`` balancing steps.
 
     * "none": route once.
-    * "switch aux loss": ``steps`` SGD steps on the router weights minimizing transformers'
-      ``load_balancing_loss`` (Switch style, all K picks counted) of the tempered logits.
-    * "bias updates": ``steps`` auxiliary-loss-free updates of the selection bias;
-      the weights still come from the unbiased scores.
+    * "switch aux loss": ``steps`` SGD steps on the router weights minimizing
+      ``task + alpha * aux``, with alpha = ``strength``, aux = transformers' ``load_balancing_loss``
+      (Switch style, all K picks counted) of the tempered logits, and, as a stand-in for the
+      language-model loss, task = KL(first routing distribution || current one): each token "wants"
+      the experts its router first preferred. Small alpha balances little; large alpha balances by
+      moving more tokens (and too large makes the steps overshoot).
+    * "bias updates": ``steps`` auxiliary-loss-free updates of the selection bias with
+      u = ``strength`` * BIAS_RATE * (mean top-K score); the weights still come from the
+      unbiased scores.
 
-    Bad values raise ValueError naming the parameter and the allowed range.
+    ``skew`` is the length of the batch's shared direction (0: none), ``seed`` picks the batch and
+    the router. Bad values raise ValueError naming the parameter and the allowed range.
     """
     _check("num_experts", num_experts, 2, MAX_EXPERTS)
     _check("top_k", top_k, 1, min(MAX_TOP_K, num_experts))
@@ -124,6 +144,8 @@ def simulate_playground(
     _check("steps", steps, 0, MAX_STEPS)
     _check("tokens", tokens, SHOWN_TOKENS, 4096)
     _check_seed(seed)
+    _check("strength", strength, *STRENGTH_RANGE, kind=float)
+    _check("skew", skew, *SKEW_RANGE, kind=float)
 
     config = MoEConfig(
         hidden_size=HIDDEN,
@@ -132,7 +154,7 @@ def simulate_playground(
         scoring_func=scoring_func,
         n_shared_experts=0,
     )
-    x, w_all = toy_batch(tokens, seed)
+    x, w_all = toy_batch(tokens, seed, float(skew))
     w = w_all[:num_experts].clone()  # [E, H]
     bias = torch.zeros(num_experts) if balancing == "bias updates" else None
 
@@ -140,28 +162,36 @@ def simulate_playground(
         return route(x @ w.T, config, bias, temperature)
 
     out = current()
-    load_before = expert_load(out.topk_indices, num_experts)
+    first_picks = out.topk_indices  # [T, K]
+    load_before = expert_load(first_picks, num_experts)
     history = [max_violation(load_before)]
+    coef = 0.0
     if balancing == "switch aux loss" and steps > 0:
+        coef = float(strength)
+        first = torch.softmax((x @ w.T) / temperature, dim=-1)  # [T, E] what the "task" wants
         w.requires_grad_(True)
         opt = torch.optim.SGD([w], lr=AUX_LR)
         for _ in range(steps):
             opt.zero_grad()
-            load_balancing_loss((x @ w.T) / temperature, top_k).backward()
+            logits = (x @ w.T) / temperature  # [T, E]
+            task = F.kl_div(F.log_softmax(logits, dim=-1), first, reduction="batchmean")
+            (task + coef * load_balancing_loss(logits, top_k)).backward()
             opt.step()
             with torch.no_grad():
                 history.append(max_violation(expert_load(current().topk_indices, num_experts)))
         w = w.detach()
     elif balancing == "bias updates" and steps > 0:
         # The sign update moves each bias by u per step; scale u to the size of the scores.
-        rate = BIAS_RATE * float(out.scores.gather(1, out.topk_indices).mean())
+        coef = float(strength) * BIAS_RATE * float(out.scores.gather(1, out.topk_indices).mean())
         for _ in range(steps):
-            update_bias(bias, expert_load(current().topk_indices, num_experts), rate)
+            update_bias(bias, expert_load(current().topk_indices, num_experts), coef)
             history.append(max_violation(expert_load(current().topk_indices, num_experts)))
     with torch.no_grad():
         out = current()
     load = expert_load(out.topk_indices, num_experts)
     weights = torch.zeros(tokens, num_experts).scatter_(1, out.topk_indices, out.topk_weights)
+    kept = torch.zeros(tokens, num_experts, dtype=torch.bool).scatter_(1, first_picks, True)  # [T, E]
+    moved = 1.0 - float(kept.gather(1, out.topk_indices).sum()) / first_picks.numel()
     return PlaygroundState(
         num_experts=num_experts,
         top_k=top_k,
@@ -175,6 +205,11 @@ def simulate_playground(
         max_vio=max_violation(load),
         max_vio_history=history,
         bias=bias,
+        strength=float(strength),
+        skew=float(skew),
+        seed=seed,
+        moved=moved,
+        coef=coef,
     )
 
 
@@ -246,9 +281,17 @@ def draw_playground(
             0.5, 0.5, "choose a balancing\nmethod and steps", transform=ax_vio.transAxes,
             ha="center", va="center", color=PALETTE[7],
         )  # fmt: skip
-    ax_vio.set_title("none: no balancing" if state.balancing == "none" else state.balancing)
+    ax_vio.set_title(_balancing_title(state))
     fig.tight_layout()
     return close(fig)
+
+
+def _balancing_title(state: PlaygroundState) -> str:
+    """The MaxVio panel's title: the method, its coefficient and what balancing cost."""
+    if state.balancing == "none" or state.steps == 0:
+        return "none: no balancing" if state.balancing == "none" else f"{state.balancing}: 0 steps"
+    coef = f"α={state.coef:.3g}" if state.balancing == "switch aux loss" else f"u={state.coef:.2g}"
+    return f"{state.balancing} ({coef})\n{state.moved:.0%} of picks moved"
 
 
 def playground_figure(*, scale: float | None = None, **settings) -> Figure:

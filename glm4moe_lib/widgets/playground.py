@@ -1,8 +1,10 @@
 """The classroom playground: one dashboard with large controls for a projector.
 
 Controls (their ``description`` labels in brackets): number of experts [experts], top-K [top-K],
-scoring function [scoring], temperature [temperature], balancing method [balancing] and the number
-of balancing steps [steps]. Every change re-routes a fixed token batch
+scoring function [scoring], temperature [temperature], the batch's shared direction [input skew],
+the batch and router seed [batch seed], balancing method [balancing], its strength (alpha of the
+auxiliary loss, or a multiple of the bias step u) [strength] and the number of balancing steps
+[steps]; a [reset] button restores the start. Every change re-routes a fixed token batch
 (:func:`glm4moe_lib.viz.playground.simulate_playground`) and redraws the routing heatmap, the load
 bars and MaxVio (:func:`~glm4moe_lib.viz.playground.draw_playground`) into an image.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 import time
 from typing import Any
 
@@ -24,10 +27,13 @@ import ipywidgets as widgets
 from ..viz.core import check_scale
 from ..viz.playground import (
     BALANCING,
+    DEFAULT_SKEW,
     MAX_EXPERTS,
     MAX_STEPS,
     MAX_TOP_K,
     SHOWN_TOKENS,
+    SKEW_RANGE,
+    STRENGTH_RANGE,
     TEMPERATURE_RANGE,
     PlaygroundState,
     draw_playground,
@@ -40,7 +46,10 @@ LABELS = {
     "top_k": "top-K",
     "scoring_func": "scoring",
     "temperature": "temperature",
+    "skew": "input skew",
+    "seed": "batch seed",
     "balancing": "balancing",
+    "strength": "strength",
     "steps": "steps",
 }
 DEFAULTS: dict[str, Any] = {
@@ -48,9 +57,13 @@ DEFAULTS: dict[str, Any] = {
     "top_k": 2,
     "scoring_func": "sigmoid",
     "temperature": 1.0,
+    "skew": DEFAULT_SKEW,
+    "seed": 0,
     "balancing": "none",
+    "strength": 1.0,
     "steps": 50,
 }
+MAX_SEED = 99
 
 # Big labels and readouts for the back row of a lecture hall (applies inside .glm-playground only).
 _CSS = """<style>
@@ -69,18 +82,17 @@ class Playground:
 
     def __init__(self, *, scale: float = 1.5, tokens: int = 256, seed: int = 0, **settings: Any) -> None:
         check_scale(scale)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed={seed!r} is not allowed: it must be an integer in [0, {MAX_SEED}]")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not SHOWN_TOKENS <= tokens <= 4096:
             raise ValueError(
                 f"tokens={tokens!r} is not allowed: it must be an integer in [{SHOWN_TOKENS}, 4096]"
             )
         self.scale = scale
         self.tokens = tokens
-        self.seed = seed
         self.redraw_seconds = 0.0  # time of the last recompute + redraw
         self.redraws = 0
-        big = widgets.Layout(width="560px")
+        big = widgets.Layout(width="470px")
         style = {"description_width": "150px"}
         self.controls: dict[str, widgets.ValueWidget] = {
             "num_experts": widgets.IntSlider(
@@ -100,9 +112,23 @@ class Playground:
                 description=LABELS["temperature"], continuous_update=False, readout_format=".1f",
                 layout=big, style=style,
             ),
+            "skew": widgets.FloatSlider(
+                value=DEFAULTS["skew"], min=SKEW_RANGE[0], max=SKEW_RANGE[1], step=0.5,
+                description=LABELS["skew"], continuous_update=False, readout_format=".1f",
+                layout=big, style=style,
+            ),
+            "seed": widgets.IntSlider(
+                value=seed, min=0, max=MAX_SEED, step=1,
+                description=LABELS["seed"], continuous_update=False, layout=big, style=style,
+            ),
             "balancing": widgets.Dropdown(
                 options=list(BALANCING), value=DEFAULTS["balancing"],
                 description=LABELS["balancing"], layout=big, style=style,
+            ),
+            "strength": widgets.FloatLogSlider(
+                value=DEFAULTS["strength"], base=10, min=math.log10(STRENGTH_RANGE[0]),
+                max=math.log10(STRENGTH_RANGE[1]), step=0.25, description=LABELS["strength"],
+                continuous_update=False, readout_format=".2g", layout=big, style=style,
             ),
             "steps": widgets.IntSlider(
                 value=DEFAULTS["steps"], min=0, max=MAX_STEPS, step=10,
@@ -112,16 +138,19 @@ class Playground:
         self.image = widgets.Image(format="png", layout=widgets.Layout(width="100%"))
         self.readout = widgets.HTML()
         self.readout.add_class("glm-readout")
+        self.reset_button = widgets.Button(description="reset", tooltip="back to the start settings")
+        self.reset_button.on_click(lambda _: self.reset())
+        self._start = {**DEFAULTS, "seed": seed}
+        columns = (
+            ("num_experts", "top_k", "scoring_func"),
+            ("temperature", "skew", "seed"),
+            ("balancing", "strength", "steps"),
+        )
         self.widget = widgets.VBox(
             [
                 widgets.HTML(_CSS),
-                widgets.HBox(
-                    [
-                        widgets.VBox([self.controls[n] for n in ("num_experts", "top_k", "scoring_func")]),
-                        widgets.VBox([self.controls[n] for n in ("temperature", "balancing", "steps")]),
-                    ]
-                ),
-                self.readout,
+                widgets.HBox([widgets.VBox([self.controls[n] for n in names]) for names in columns]),
+                widgets.HBox([self.reset_button, self.readout]),
                 self.image,
             ]
         )
@@ -138,13 +167,22 @@ class Playground:
         self.update()
         # The first autograd step of a session is slow (lazy set-up): take it now, not on the
         # first click in front of the class.
-        simulate_playground(balancing="switch aux loss", steps=1, tokens=self.tokens, seed=self.seed)
+        simulate_playground(balancing="switch aux loss", steps=1, tokens=self.tokens, seed=seed)
 
     # ---- settings ----------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        """The batch and router seed (the [batch seed] control)."""
+        return self.controls["seed"].value
+
     @property
     def settings(self) -> dict[str, Any]:
         """The current control values, by name."""
         return {name: control.value for name, control in self.controls.items()}
+
+    def reset(self) -> PlaygroundState:
+        """Every control back to its start value (the defaults, and the constructor's seed); one redraw."""
+        return self.set(**self._start)
 
     def set(self, **settings: Any) -> PlaygroundState:
         """Change several controls at once and redraw once; returns the new state.
@@ -172,7 +210,11 @@ class Playground:
             else:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                     raise ValueError(f"{name}={value!r} is not allowed: it must be a number")
-                value = min(max(value, control.min), control.max)
+                if isinstance(control, widgets.FloatLogSlider):  # (its min and max are exponents)
+                    low, high = control.base**control.min, control.base**control.max
+                else:
+                    low, high = control.min, control.max
+                value = min(max(value, low), high)
                 if isinstance(control, widgets.IntSlider):
                     value = int(round(value))
             control.value = value
@@ -198,7 +240,7 @@ class Playground:
     def update(self) -> PlaygroundState:
         """Recompute the routing for the current controls and redraw the figure."""
         start = time.perf_counter()
-        self.state = simulate_playground(**self.settings, tokens=self.tokens, seed=self.seed)
+        self.state = simulate_playground(**self.settings, tokens=self.tokens)
         fig = draw_playground(self.state, scale=self.scale)
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
@@ -212,7 +254,8 @@ class Playground:
         s = self.state
         vio = s.max_vio_history
         change = (
-            f" (was {vio[0]:.2f} before {s.steps} steps of {html.escape(s.balancing)})"
+            f" (was {vio[0]:.2f} before {s.steps} steps of {html.escape(s.balancing)}; "
+            f"{s.moved:.0%} of the picks moved to experts the router liked less)"
             if s.balancing != "none" and s.steps > 0
             else ""
         )
