@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 from glm4moe_lib.lab import run_sweep
 from glm4moe_lib.viz import balance as vb
 from glm4moe_lib.viz import dispatch as vd
+from glm4moe_lib.viz.core import PALETTE
 from glm4moe_lib.widgets.balance import capacity_explorer, training_explorer
 
 
@@ -82,6 +83,13 @@ def test_balance_figures(results):
         vb.plot_tradeoff({})
     with pytest.raises(ValueError, match="same experts"):
         vb.plot_layer_loads([torch.rand(8), torch.rand(4)])
+
+
+def test_bias_trajectories_use_distinct_qualitative_colours(results):
+    """One line per expert, each in its own Okabe–Ito colour (not a sequential colormap)."""
+    fig = vb.plot_bias_trajectories(results["bias update (loss-free), u=0.01"])
+    colors = [line.get_color() for line in fig.axes[0].get_lines()[:8]]
+    assert colors == PALETTE[:8]
 
 
 def test_conventions():

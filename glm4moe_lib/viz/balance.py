@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from ..balance import load_balancing_loss, sequence_balance_loss
 from ..lab import LabResult
-from .core import CMAP, PALETTE, close, heatmap, to_numpy
+from .core import PALETTE, close, heatmap, to_numpy
 
 __all__ = [
     "METHOD_COLORS",
@@ -206,14 +206,24 @@ def plot_tradeoff(results: Mapping[str, LabResult], window: int = 10) -> Figure:
 
 
 def plot_bias_trajectories(result: LabResult) -> Figure:
-    """The selection bias of every expert over training (auxiliary-loss-free balancing)."""
+    """The selection bias of every expert over training (auxiliary-loss-free balancing).
+
+    One Okabe–Ito colour per expert (qualitative, colour-blind-safe: a sequential colormap makes
+    neighbouring experts indistinguishable); past 8 experts the colours repeat with another line style.
+    """
     bias = to_numpy(result.bias)  # [S, E]
     rel0 = relative_load(result)[0]
     fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
-    cmap = plt.get_cmap(CMAP)
     e = bias.shape[1]
+    styles = ["-", "--", ":", "-."]
     for j in range(e):
-        ax.plot(bias[:, j], color=cmap(j / max(e - 1, 1)), label=f"e{j} (start {rel0[j]:.1f}×)")
+        ax.plot(
+            bias[:, j],
+            color=PALETTE[j % len(PALETTE)],
+            linestyle=styles[(j // len(PALETTE)) % len(styles)],
+            lw=1.8,
+            label=f"e{j} (start {rel0[j]:.1f}×)",
+        )
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel("e_score_correction_bias")
