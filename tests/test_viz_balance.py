@@ -21,7 +21,10 @@ def routing():
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(64)])
     skewed = idx.clone()
+    had_0 = skewed[:40, 1] == 0  # expert 0 already second: swap, so a token's two experts stay distinct
+    skewed[:40, 1] = torch.where(had_0, skewed[:40, 0], skewed[:40, 1])
     skewed[:40, 0] = 0
+    assert (skewed[:, 0] != skewed[:, 1]).all()
     return {"random": idx, "skewed": skewed}
 
 

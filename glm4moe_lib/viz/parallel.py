@@ -180,13 +180,14 @@ def plot_comm_volume(
 def plot_scale(
     config: MoEConfig, world_sizes: Sequence[int], elem_size: int = 2, name: str = "GLM-4.5"
 ) -> Figure:
-    """All-to-all bytes per token per MoE layer (forward: dispatch + combine) against the EP degree."""
+    """All-to-all bytes per token per MoE layer (forward: dispatch + combine) against the EP degree,
+    one row sent per remote (token, expert) pair, as :class:`~glm4moe_lib.parallel.EPMoE` does."""
     if not len(world_sizes):
         raise ValueError("world_sizes is empty: pass the EP degrees to plot, e.g. [1, 2, 4, 8]")
     rows = [comm_bytes_per_token(config, w, elem_size) for w in world_sizes]
     fwd = [r["forward"] / 1024 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(world_sizes, fwd, "o-", color=PALETTE[0], label="forward (dispatch + combine)")
+    ax.plot(world_sizes, fwd, "o-", color=PALETTE[0], label="forward (dispatch + combine), per pair")
     ax.plot(world_sizes, [2 * f for f in fwd], "s--", color=PALETTE[3], label="training step (+ backward)")
     limit = 2 * config.num_experts_per_tok * config.hidden_size * elem_size / 1024
     ax.axhline(limit, color="grey", linestyle=":", label=f"forward limit 2·K·H·bytes = {limit:.0f} KiB")
