@@ -161,6 +161,11 @@ WRONG = [
     ),
     (check_layer_params, lambda c: (layer_params(c)[0],) * 2, "only num_experts_per_tok"),
     (
+        check_layer_params,
+        lambda c: layer_params(c.replace(n_shared_experts=min(c.n_shared_experts, 1))),
+        "a count, not an on/off flag",
+    ),
+    (
         check_ffn_params,
         lambda a: ffn_params(a.__class__(**{**a.__dict__, "first_k_dense_replace": 0})),
         "every layer",

@@ -1,14 +1,19 @@
-"""Figures and widgets of lessons 01–04: right axes and data, redraw on control changes, clear errors."""
+"""Figures and widgets of lessons 01–04 (and lesson 05's dispatch picture): right axes and data, redraw
+on control changes, clear errors."""
 
 import time
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from glm4moe_lib import MoEConfig, route
 from glm4moe_lib.router import RouterOutput
+from glm4moe_lib.viz.core import PALETTE
+from glm4moe_lib.viz.dispatch import plot_permutation
 from glm4moe_lib.viz.routing import (
     capacity_numbers,
     dense_weights,
@@ -166,6 +171,51 @@ def test_plot_gate_effect():
     np.testing.assert_allclose(prod, (torch.nn.functional.silu(gate) * up).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="same \\[N, I\\]"):
         plot_gate_effect(gate, up[:, :3])
+
+
+# ---- plot_permutation (lesson 05's dispatch picture) ----------------------------------------------
+
+
+def _contrast(rgb_a, rgb_b):
+    """WCAG contrast ratio of two sRGB colours (1 = identical, 21 = black on white)."""
+
+    def luminance(rgb):
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted((luminance(rgb_a), luminance(rgb_b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_plot_permutation_text_contrasts_with_every_box():
+    num_experts = 2 * len(PALETTE)  # every expert colour, twice (the palette repeats)
+    idx = torch.arange(num_experts).reshape(-1, 2)  # [8, 2]: every expert chosen once
+    weights = torch.full(idx.shape, 0.5)
+    ax = plot_permutation(idx, num_experts, weights).axes[0]
+    boxes = [p for p in ax.patches if isinstance(p, Rectangle)]
+    checked, ink_on = 0, {}
+    for text in ax.texts:
+        x, y = text.get_position()
+        box = next(
+            (
+                b
+                for b in boxes
+                if b.get_x() <= x <= b.get_x() + b.get_width()
+                and b.get_y() <= y <= b.get_y() + b.get_height()
+            ),
+            None,
+        )
+        if box is None:  # titles and the "e3: 2" block labels sit on the white background
+            continue
+        r, g, b_, a = box.get_facecolor()
+        fill = tuple(a * c + (1 - a) for c in (r, g, b_))  # as drawn: alpha over the white page
+        ratio = _contrast(fill, to_rgb(text.get_color()))
+        assert ratio >= 4.5, f"'{text.get_text()}' ({text.get_color()}) on {fill}: contrast {ratio:.2f}"
+        ink_on[tuple(round(c, 3) for c in fill)] = text.get_color()
+        checked += 1
+    assert checked == 2 * idx.numel() + idx.shape[0]  # both pair columns, and the out[t] boxes
+    black_box = tuple(round(0.85 * c + 0.15, 3) for c in to_rgb("#000000"))
+    assert ink_on[black_box] == "white"  # expert 7's black box: white text, not black on black
 
 
 # ---- widgets -------------------------------------------------------------------------------------

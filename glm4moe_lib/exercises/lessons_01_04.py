@@ -146,6 +146,10 @@ def check_layer_params(fn: Callable[..., Any]) -> CheckResult:
     cases = [
         Case("teaching size, 1 shared expert", (MoEConfig(),)),
         Case("no shared expert", (MoEConfig(hidden_size=32, n_shared_experts=0, num_experts_per_tok=3),)),
+        Case(
+            "2 shared experts",
+            (MoEConfig(hidden_size=48, moe_intermediate_size=24, n_routed_experts=6, n_shared_experts=2),),
+        ),
         Case("GLM-4.5", (GLM45,)),
         Case("GLM-4.5-Air", (GLM45_AIR,)),
     ]
@@ -174,6 +178,11 @@ def check_layer_params(fn: Callable[..., Any]) -> CheckResult:
         t, _ = _layer_params(c)
         return t, t
 
+    def shared_as_flag(c):
+        h, i, e, k, _ = parts(c)
+        s = 3 * h * i * min(c.n_shared_experts, 1)
+        return e * h + e * 3 * h * i + s, e * h + k * 3 * h * i + s
+
     mistakes = [
         Mistake(
             "you left out the shared expert: it is one more SwiGLU MLP of width "
@@ -188,6 +197,12 @@ def check_layer_params(fn: Callable[..., Any]) -> CheckResult:
         Mistake("you counted 2 matrices per SwiGLU MLP: there are three (gate, up, down).", two_matrices),
         Mistake(
             "your active count includes every routed expert: only num_experts_per_tok run.", active_is_total
+        ),
+        Mistake(
+            "you counted one shared expert however many the config has: n_shared_experts is a count, not "
+            "an on/off flag. With n_shared_experts = 2 the shared MLP is 2 · moe_intermediate_size wide, "
+            "3 · H · I · n_shared_experts parameters.",
+            shared_as_flag,
         ),
     ]
     return check_function("MoE layer parameters", fn, _layer_params, cases, mistakes)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -98,6 +99,17 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
     order = to_numpy(plan.order).astype(int)
     weights = None if top_k_weights is None else to_numpy(top_k_weights).reshape(-1)
     colors = _expert_colors(num_experts)
+    box_alpha = 0.85
+
+    def ink(color: str) -> str:
+        # Text colour for a box: black or white, whichever contrasts more (WCAG contrast ratio) with the
+        # fill as drawn, i.e. the colour at box_alpha over the white background (black on expert 7's box
+        # would be unreadable).
+        rgb = [box_alpha * c + (1 - box_alpha) for c in to_rgb(color)]
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+        return "white" if 1.05 / (luminance + 0.05) > (luminance + 0.05) / 0.05 else "black"
+
     n = t * k
     fig, ax = plt.subplots(figsize=(11, max(4.0, 0.3 * n + 1.2)), layout="constrained")
     x_in, x_sorted, x_out = 0.0, 4.0, 8.0
@@ -106,14 +118,17 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
     for i in range(n):
         tok, slot = divmod(i, k)
         e = flat[i]
-        ax.add_patch(plt.Rectangle((x_in - 0.9, y_pair(i) - 0.4), 1.8, 0.8, color=colors[e], alpha=0.85))
-        ax.text(x_in, y_pair(i), f"t{tok}·k{slot} → e{e}", ha="center", va="center", fontsize=9)
+        ax.add_patch(plt.Rectangle((x_in - 0.9, y_pair(i) - 0.4), 1.8, 0.8, color=colors[e], alpha=box_alpha))
+        label = f"t{tok}·k{slot} → e{e}"
+        ax.text(x_in, y_pair(i), label, ha="center", va="center", fontsize=9, color=ink(colors[e]))
     for j, i in enumerate(order):
         tok, slot = divmod(int(i), k)
         e = flat[i]
-        ax.add_patch(plt.Rectangle((x_sorted - 0.9, y_pair(j) - 0.4), 1.8, 0.8, color=colors[e], alpha=0.85))
+        ax.add_patch(
+            plt.Rectangle((x_sorted - 0.9, y_pair(j) - 0.4), 1.8, 0.8, color=colors[e], alpha=box_alpha)
+        )
         label = f"t{tok}" + ("" if weights is None else f" ×{weights[i]:.2f}")
-        ax.text(x_sorted, y_pair(j), label, ha="center", va="center", fontsize=9)
+        ax.text(x_sorted, y_pair(j), label, ha="center", va="center", fontsize=9, color=ink(colors[e]))
         ax.plot([x_in + 0.9, x_sorted - 0.9], [y_pair(i), y_pair(j)], color=colors[e], lw=1, alpha=0.6)
         lw = 1.0 if weights is None else 0.5 + 3.0 * float(weights[i]) / max(float(weights.max()), 1e-9)
         ax.plot([x_sorted + 0.9, x_out - 0.6], [y_pair(j), y_tok(tok)], color=colors[e], lw=lw, alpha=0.6)
@@ -133,7 +148,7 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
             )
     for tok in range(t):
         ax.add_patch(plt.Rectangle((x_out - 0.6, y_tok(tok) - 0.4), 1.2, 0.8, color="#dddddd"))
-        ax.text(x_out, y_tok(tok), f"out[{tok}]", ha="center", va="center", fontsize=9)
+        ax.text(x_out, y_tok(tok), f"out[{tok}]", ha="center", va="center", fontsize=9, color="black")
     for x, title in (
         (x_in, "pairs in token order\n(token·slot → expert)"),
         (x_sorted, "sorted by expert:\none block per expert"),
