@@ -57,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingError",
+    "atomic_write",
     "build_model",
     "collect_routing",
     "domain_expert_information",
@@ -419,8 +420,10 @@ class TrainingError(RuntimeError):
         self.last_checkpoint = last_checkpoint
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then move the temporary file over ``path`` in one step."""
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then move the temporary file over ``path`` in one step: an
+    interrupted write leaves the old file (or none), never half of one. Checkpoints and the learner
+    notebooks are written through it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -470,7 +473,7 @@ def save_checkpoint(
         "metrics": json.dumps(metrics),
     }
     path = Path(path)
-    _atomic_write_bytes(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
@@ -744,7 +747,7 @@ def _write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(text + "\n")
 
-    _atomic_write_bytes(path, write)
+    atomic_write(path, write)
 
 
 # ---- sampling ------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ the notebook still runs top to bottom and its checks answer "not done yet".
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
+
+from ..train import atomic_write
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -87,21 +87,6 @@ def learner_notebook(src: Path) -> tuple[nbformat.NotebookNode, int]:
     return nb, count
 
 
-def write_notebook(nb: nbformat.NotebookNode, dst: Path) -> None:
-    """Write ``nb`` to ``dst`` atomically: a temporary file beside it, then a rename, so an
-    interrupted write leaves the old file (or none), never half a notebook."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def make_learner_notebook(src: Path, dst: Path) -> int:
     """Write the learner version of ``src`` to ``dst``; return how many solutions were stubbed."""
     src, dst = Path(src), Path(dst)
@@ -111,7 +96,7 @@ def make_learner_notebook(src: Path, dst: Path) -> int:
             "would be overwritten by stubs; write the learner version somewhere else"
         )
     nb, count = learner_notebook(src)
-    write_notebook(nb, dst)
+    atomic_write(dst, lambda tmp: nbformat.write(nb, str(tmp)))
     return count
 
 
@@ -155,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"{exc} (nothing was written)")
     for path, nb, n in built:
-        write_notebook(nb, args.out / path.name)
+        atomic_write(args.out / path.name, lambda tmp, nb=nb: nbformat.write(nb, str(tmp)))
         print(f"{path} -> {args.out / path.name} ({n} exercise(s) stubbed)")
     return 0
 
