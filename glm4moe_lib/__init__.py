@@ -18,7 +18,7 @@ from .balance import (
     update_bias,
 )
 from .config import ARCHS, PRESETS, ArchConfig, MoEConfig, preset
-from .device import available_devices, keep_freed_cpu_memory, pick_device
+from .device import available_devices, keep_freed_cpu_memory, pick_device, torch_threads
 from .dispatch import dense_reference, dispatch_combine, loop_dispatch, plan_dispatch, sorted_dispatch
 from .experts import MLP, Experts, swiglu
 from .model import DecoderLayer, GLMMoEModel, ModelConfig, model_preset
@@ -53,6 +53,7 @@ __all__ = [
     "max_violation",
     "model_preset",
     "pick_device",
+    "torch_threads",
     "plan_dispatch",
     "preset",
     "route",

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .config import PRESETS, MoEConfig, int_at_least
 from .cpu_kernel import unsupported
-from .device import keep_freed_cpu_memory, pick_device
+from .device import keep_freed_cpu_memory, pick_device, torch_threads
 from .dispatch import STRATEGIES, choose_strategy, dispatch_combine
 from .moe import MoE
 
@@ -609,13 +609,8 @@ def overlap_probe(
     min_sample_s = _check_seconds("min_sample_s", min_sample_s, allow_zero=True)
     if threads is not None:
         _check_int("threads", threads, 1, what=" (or None: torch's current count)")
-    before = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
+    with torch_threads(threads):
         return _overlap_rows(gate_up, down, top_k, tokens_per_expert, hot, repeats, min_sample_s, strategy)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _overlap_rows(gate_up, down, top_k, tokens_per_expert, hot, repeats, min_sample_s, strategy):

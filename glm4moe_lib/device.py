@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -102,3 +104,16 @@ def keep_freed_cpu_memory(max_block_bytes: int = 1 << 30) -> bool:
     if ok:
         _kept_cpu_memory = value
     return ok
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch on ``n`` intra-op threads inside the block (None: as it is), the count it had before
+    after it: timings and thread-dependent choices, made reproducible without changing the session."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

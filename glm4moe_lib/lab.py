@@ -25,8 +25,6 @@ Methods (``coef`` is the loss coefficient alpha, or the bias update rate u for `
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +40,7 @@ from .balance import (
     update_bias,
 )
 from .config import MoEConfig
+from .device import torch_threads
 from .moe import MoE
 
 __all__ = [
@@ -161,16 +160,6 @@ class LabResult:
         }
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _check_offset(offset: Tensor | None, hidden_size: int, skew: float) -> None:
     if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not math.isfinite(skew):
         raise ValueError(f"skew={skew!r} is not allowed: it must be a finite number")
@@ -263,7 +252,7 @@ def run_balancing_experiment(
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
-    with _single_thread():
+    with torch_threads(1):
         task = make_task(hidden_size, n_clusters=num_experts, noise=noise, seed=0)
         moe = make_lab_moe(
             num_experts, top_k, hidden_size, expert_size, skew, scoring_func, task.offset, seed

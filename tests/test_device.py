@@ -36,3 +36,17 @@ def test_keep_freed_cpu_memory_is_a_no_op_off_glibc(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert dev.keep_freed_cpu_memory() is False
     assert dev._kept_cpu_memory is None
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after():
+    from glm4moe_lib import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"), torch_threads(1):
+        raise RuntimeError("inside")  # restored on an error too
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # None: unchanged
+        assert torch.get_num_threads() == before
