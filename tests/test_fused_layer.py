@@ -657,12 +657,17 @@ def test_training_stands_aside(train_calls, calls, one_thread):
 
 def test_training_no_tokens(train_calls, one_thread):
     moe, _ = _layers(CONFIGS["plain"])
-    x = torch.randn(0, 64, requires_grad=True)
-    out = moe(x)
-    out.sum().backward()
-    assert out.shape == (0, 64) and x.grad.shape == (0, 64)
-    assert torch.equal(moe.experts.gate_up_proj.grad, torch.zeros_like(moe.experts.gate_up_proj))
-    assert torch.equal(moe.gate.weight.grad, torch.zeros_like(moe.gate.weight))
+    for _ in range(3):  # gradients of real tokens first: their freed buffers hold nonzero values to reuse
+        moe(torch.randn(5, 64, requires_grad=True)).sum().backward()
+        moe.zero_grad(set_to_none=True)
+        x = torch.randn(0, 64, requires_grad=True)
+        out = moe(x)
+        out.sum().backward()
+        assert out.shape == (0, 64) and x.grad.shape == (0, 64)
+        for name, p in moe.named_parameters():  # every one (the shared expert's once came back uninitialised)
+            assert torch.equal(p.grad, torch.zeros_like(p)), name
+        moe.zero_grad(set_to_none=True)
+    assert train_calls[-1] is True  # (the C backward ran)
 
 
 def test_training_call_gives_first_derivatives_and_sorted_the_second(one_thread):

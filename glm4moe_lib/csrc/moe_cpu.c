@@ -1221,10 +1221,17 @@ int64_t moe_layer(const float *x, int64_t T, int64_t H, const float *router_w, c
                            (float *)(order + T * K), threads);
 }
 
-/* moe_layer_bwd's shared expert: blocks of its T tokens with weight 1 (scratch: RBB * 4 * Is floats) */
+/* moe_layer_bwd's shared expert: blocks of its T tokens with weight 1 (scratch: RBB * 4 * Is floats); no
+ * tokens: zero gradients (the blocks below write them only where a block runs) */
 static void shared_bwd(const float *x, int64_t T, int64_t H, const float *sh_gate, const float *sh_up,
                        const float *sh_down, int64_t Is, const float *sh_hsave, const float *grad, float *d_sh_gate,
                        float *d_sh_up, float *d_sh_down, float *dx_sh, float *scratch) {
+    if (T == 0) {
+        memset(d_sh_gate, 0, (size_t)(Is * H) * sizeof(float));
+        memset(d_sh_up, 0, (size_t)(Is * H) * sizeof(float));
+        memset(d_sh_down, 0, (size_t)(H * Is) * sizeof(float));
+        return;
+    }
     float *a[RBB], *da[RBB], *dh[RBB];
     split_scratch_bwd(scratch, Is, a, da, dh);
     const int64_t block = T <= RBB ? RBB : RBB_MANY;
