@@ -121,6 +121,12 @@ def sequence_balance_loss(scores: Tensor, topk_indices: Tensor, batch_size: int)
     if batch_size <= 0 or rows % batch_size != 0:
         raise ValueError(f"batch_size={batch_size} is not allowed: it must divide the {rows} rows")
     check_expert_ids(topk_indices, num_experts, "topk_indices")  # a loss, once per step: min/max is cheap
+    low = float(scores.detach().min())
+    if not low >= 0:  # logits would give a meaningless loss (P_i divides by their sum)
+        raise ValueError(
+            f"scores has a minimum of {low:g}: expected the router's scores >= 0 (sigmoid of the logits), "
+            "not raw logits"
+        )
     seq_len, top_k = rows // batch_size, topk_indices.shape[-1]
     s = scores.float().view(batch_size, seq_len, num_experts)
     p = (s / s.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)  # [B, E]
@@ -168,11 +174,24 @@ def update_bias(bias: Tensor, load: Tensor, update_rate: float = 1e-3) -> Tensor
 # ---- metrics -------------------------------------------------------------------------------------
 
 
+def _check_load(load: Tensor) -> None:
+    """A non-empty real tensor of non-negative loads, one per expert, else a clear error."""
+    if not isinstance(load, Tensor) or load.numel() == 0 or load.is_complex() or load.dtype == torch.bool:
+        what = (
+            f"shape {tuple(load.shape)} and dtype {load.dtype}"
+            if isinstance(load, Tensor)
+            else type(load).__name__
+        )
+        raise ValueError(f"load has {what}: it must be a non-empty real tensor, one count per expert")
+    low = float(load.detach().min())
+    if not low >= 0:
+        raise ValueError(f"load has a minimum of {low:g}: loads (tokens per expert) must be >= 0")
+
+
 def max_violation(load: Tensor) -> float:
     """MaxVio = (max_i load_i - mean load) / mean load: 0 is perfectly balanced."""
-    if load.numel() == 0:
-        raise ValueError(f"load has shape {tuple(load.shape)}: it must hold one count per expert (non-empty)")
-    load = load.float()
+    _check_load(load)
+    load = load.detach().float()
     mean = load.mean()
     if mean <= 0:
         return 0.0
@@ -189,17 +208,22 @@ def routing_entropy(scores: Tensor) -> float:
         raise ValueError(
             f"scores has shape {tuple(scores.shape)}: expected a non-empty [tokens, experts] tensor"
         )
-    low = float(scores.min())  # a metric, not a training step: one extra pass is fine
+    low = float(scores.detach().min())  # a metric, not a training step: one extra pass is fine
     if not low >= 0:
         raise ValueError(
             f"scores has a minimum of {low:g}: expected router scores >= 0 (softmax or sigmoid of the "
             "logits), not raw logits"
         )
-    p = scores.float() / scores.float().sum(-1, keepdim=True).clamp_min(1e-20)
+    s = scores.detach().float()  # a number to report, not a loss: no graph
+    p = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
     return float(-(p * p.clamp_min(1e-20).log()).sum(-1).mean())
 
 
 def load_entropy(load: Tensor) -> float:
-    """Entropy (nats) of the load distribution over experts: log(E) is perfectly balanced."""
-    p = load.float() / load.float().sum().clamp_min(1e-20)
+    """Entropy (nats) of the load distribution over experts: log(E) is perfectly balanced.
+
+    ``load`` [E]: tokens (or a share of them) per expert, non-negative; all zeros gives 0."""
+    _check_load(load)
+    load = load.detach().float()
+    p = load / load.sum().clamp_min(1e-20)
     return float(-(p * p.clamp_min(1e-20).log()).sum())

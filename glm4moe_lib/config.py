@@ -16,6 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 SCORING_FUNCS = ("softmax", "sigmoid")
+#: the fields MoEConfig.from_hf needs from a transformers config: every Glm4MoeConfig has them
+HF_REQUIRED = (
+    "hidden_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+)
 HIDDEN_ACTS = ("silu", "gelu", "relu")
 DISPATCH_STRATEGIES = (
     "auto",
@@ -164,8 +176,15 @@ class MoEConfig:
                 f"{names}: pass a transformers Glm4MoeConfig, a mapping such as its to_dict(), or an "
                 "object with those attributes"
             )
-        fields.setdefault("scoring_func", "sigmoid")
         fields.update(overrides)
+        missing = [name for name in HF_REQUIRED if name not in fields]
+        if missing:  # e.g. a Mixtral config: the toy defaults would fill in a layer it does not describe
+            raise ValueError(
+                f"hf_config of type {type(hf_config).__name__} lacks {missing}: a GLM-4.5 (Glm4MoeConfig) "
+                f"config has all of {list(HF_REQUIRED)}; pass the missing ones as keyword overrides if you "
+                "mean to fill them in"
+            )
+        fields.setdefault("scoring_func", "sigmoid")
         return cls(**fields)
 
     def to_hf(self) -> Any:

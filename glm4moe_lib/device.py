@@ -24,18 +24,22 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
         raise ValueError(
             f"device={prefer!r} is not allowed: use one of {_ALLOWED}, 'cuda:N' or a torch.device"
         )
+    from_env = prefer is None and bool(os.environ.get("GLM4MOE_DEVICE", "").strip())
     choice = (prefer or os.environ.get("GLM4MOE_DEVICE") or "auto").strip().lower()
+    name = "GLM4MOE_DEVICE" if from_env else "device"  # where the value came from, for the errors
+    if choice in ("cpu:0", "mps:0"):  # (torch.device("cpu", 0)): the one CPU, the one MPS device
+        choice = choice[:-2]
     if choice.startswith("cuda:"):
         index = choice[5:]
         if not index.isdigit():
-            raise ValueError(f"device={choice!r} is not allowed: 'cuda:N' needs a GPU number N")
+            raise ValueError(f"{name}={choice!r} is not allowed: 'cuda:N' needs a GPU number N")
         if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
             raise ValueError(
-                f"device={choice!r} was asked for, but torch finds {torch.cuda.device_count()} CUDA GPU(s) here"
+                f"{name}={choice!r} was asked for, but torch finds {torch.cuda.device_count()} CUDA GPU(s) here"
             )
         return torch.device(choice)
     if choice not in _ALLOWED:
-        raise ValueError(f"device={choice!r} is not allowed: use one of {_ALLOWED}")
+        raise ValueError(f"{name}={choice!r} is not allowed: use one of {_ALLOWED} or 'cuda:N'")
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -43,11 +47,11 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for, but torch finds no CUDA GPU here")
+        raise ValueError(f"{name}='cuda' was asked for, but torch finds no CUDA GPU here")
     if choice == "mps" and not (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):
-        raise ValueError("device='mps' was asked for, but torch finds no Apple MPS device here")
+        raise ValueError(f"{name}='mps' was asked for, but torch finds no Apple MPS device here")
     return torch.device(choice)
 
 

@@ -26,9 +26,10 @@ The fast paths (what ``"auto"`` picks, see :func:`choose_strategy`):
   over the pairs sorted by expert; compiled, it is one fused loop that reads each expert's weights
   once (eagerly it would copy them per pair, so ``auto`` picks it only when compiling).
 * ``padded`` (more tokens; what ``auto`` picks on CUDA without a grouped GEMM): sort by expert, lay each expert's tokens into a padded slab
-  [experts, C, H] with C about the mean load, and run two ``torch.bmm`` calls over all experts
-  at once. Experts with more than C tokens (skewed routing) run on their own, so the slab is never
-  bigger than about 2·T·K rows: no [T, E, H] tensor even when one expert gets every token.
+  [experts, C, H] with C up to a few times the mean load, and run two ``torch.bmm`` calls over all
+  experts at once. Experts with more than C tokens (skewed routing) run on their own, so the slab is
+  never bigger than 4·T·K + E rows (:func:`padded_plan`): no [T, E, H] tensor even when one expert
+  gets every token.
 * ``grouped_mm``: the sorted pairs through ``torch.nn.functional.grouped_mm``, one call for all
   experts with the block offsets: one kernel on CUDA (bf16, sm80+); on CPU (torch >= 2.9) a C++
   loop of GEMMs on views of the weights, which beats the Python loops there.
@@ -44,6 +45,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -52,7 +54,7 @@ from torch import Tensor
 
 from . import cpu_kernel
 from .cpu_kernel import fused_cpu_dispatch
-from .experts import swiglu
+from .experts import _swiglu
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -70,7 +72,7 @@ class DispatchPlan(NamedTuple):
 def check_expert_ids(
     ids: Tensor, num_experts: int, name: str = "top_k_index", check_range: bool = True
 ) -> None:
-    """``ids``: an integer tensor (any shape) of expert ids in [0, num_experts), else a clear error
+    """``ids``: an int64 or int32 tensor (any shape) of expert ids in [0, num_experts), else a clear error
     naming ``name``. The dtype costs nothing to check; the range needs one look at the data (a host
     sync on a GPU), skipped with ``check_range=False`` for ids that come from the router. The one
     check of expert ids that dispatch, balance, parallel and the figures share."""
@@ -78,9 +80,11 @@ def check_expert_ids(
         raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} is a {type(ids).__name__}: pass an integer tensor of expert ids")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    if ids.dtype not in (torch.int64, torch.int32):  # (torch's index ops take no other integer type)
         # (ValueError, as for every other routing tensor that does not fit: see _check_args)
-        raise ValueError(f"{name} has dtype {ids.dtype}: an integer (int64) tensor of expert ids is required")
+        raise ValueError(
+            f"{name} has dtype {ids.dtype}: an int64 (or int32) tensor of expert ids is required"
+        )
     if check_range and ids.numel():
         low, high = (int(v) for v in torch.aminmax(ids))  # one host sync
         if low < 0 or high >= num_experts:
@@ -202,6 +206,21 @@ def _plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """GShard / Switch capacity: each expert takes at most ``ceil(factor * T * K / E)`` pairs."""
+    for name, value, low in (
+        ("num_tokens", num_tokens, 0),
+        ("num_experts", num_experts, 1),
+        ("top_k", top_k, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {low}")
+    if top_k > num_experts:
+        raise ValueError(
+            f"top_k={top_k} is not allowed: a token picks at most num_experts={num_experts} experts"
+        )
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, Real):
+        raise ValueError(
+            f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
+        )
     if not capacity_factor > 0 or math.isinf(capacity_factor):
         raise ValueError(
             f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
@@ -220,7 +239,14 @@ def capacity_keep_mask(top_k_index: Tensor, num_experts: int, capacity: int) -> 
         raise ValueError(f"top_k_index has shape {shape}: expected [tokens, K]")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(
+            f"capacity={capacity!r} is not allowed: it must be an integer >= 0 (pairs per expert)"
+        )
     top_k = top_k_index.shape[-1]
+    if top_k == 0 or top_k_index.shape[0] == 0:  # no pairs: nothing to drop
+        _check_index(top_k_index, num_experts)
+        return torch.ones_like(top_k_index, dtype=torch.bool)
     slot_major = top_k_index.T.reshape(-1, 1)  # [K*T, 1]: all first choices, then all second ...
     _check_index(top_k_index, num_experts)
     plan = _plan(slot_major, num_experts)  # stable: queue order within each expert
@@ -264,7 +290,7 @@ def loop_dispatch(
     gate_ups, downs = gate_up_proj.unbind(0), down_proj.unbind(0)  # views: one gradient buffer each
     for e in torch.unique(top_k_index).tolist():
         token_idx, slot = torch.where(top_k_index == e)  # [n] each
-        y = swiglu(hidden_states[token_idx], gate_ups[e], downs[e], act_fn)  # [n, H]
+        y = _swiglu(hidden_states[token_idx], gate_ups[e], downs[e], act_fn)  # [n, H]
         y = y * top_k_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
@@ -286,7 +312,7 @@ def sorted_dispatch(
     blocks = []
     for e, (start, end) in enumerate(zip(plan.offsets[:-1].tolist(), plan.offsets[1:].tolist())):
         if end > start:
-            blocks.append(swiglu(x_sorted[start:end], gate_ups[e], downs[e], act_fn))
+            blocks.append(_swiglu(x_sorted[start:end], gate_ups[e], downs[e], act_fn))
     y_sorted = torch.cat(blocks) if blocks else x_sorted  # [T*K, H]
     w_sorted = top_k_weights.reshape(-1)[plan.order, None]  # [T*K, 1] float32
     out = torch.zeros_like(hidden_states)
@@ -407,8 +433,9 @@ def padded_dispatch(
 ) -> Tensor:
     """Sorted pairs in a padded slab [E, C, H], two ``torch.bmm`` over all experts (mid/large T).
 
-    C is about the mean load, so the slab has O(T·K) rows; tokens beyond C of an overloaded expert
-    go through that expert on its own (one ordinary GEMM per heavy expert).
+    C is at most a few times the mean load, so the slab has O(T·K) rows (:func:`padded_plan`);
+    tokens beyond C of an overloaded expert go through that expert on its own (one ordinary GEMM
+    per heavy expert).
     """
     num_experts, inter2, hidden = gate_up_proj.shape
     inter = inter2 // 2
@@ -435,7 +462,7 @@ def padded_dispatch(
         positions = [slab_pairs]
         for e in heavy:  # overloaded experts: the tokens past the slab, one GEMM each
             start, end = int(plan.offsets[e]) + cap, int(plan.offsets[e + 1])
-            pieces.append(swiglu(hidden_states[token_ids[start:end]], gate_up_proj[e], down_proj[e], act_fn))
+            pieces.append(_swiglu(hidden_states[token_ids[start:end]], gate_up_proj[e], down_proj[e], act_fn))
             positions.append(torch.arange(start, end, device=token_ids.device))
         y_sorted = torch.empty(plan.order.numel(), hidden, dtype=y_pad.dtype, device=y_pad.device)
         y_sorted = y_sorted.index_copy(0, torch.cat(positions), torch.cat(pieces))  # [S, H]
@@ -453,7 +480,8 @@ def grouped_mm_available(device: torch.device | str | None = None) -> bool:
     """True where torch has a grouped GEMM (``F.grouped_mm`` or ``torch._grouped_mm``) for ``device``.
 
     On CUDA it needs compute capability 8.0+ (Ampere, Hopper...); on CPU torch >= 2.9 runs it as a
-    loop of GEMMs (correct, not fast: ``choose_strategy`` only picks it on CUDA).
+    loop of GEMMs, which ``choose_strategy`` picks between ``gather_bmm`` and ``loop`` where the
+    C kernel does not run.
     """
     if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return False
@@ -487,8 +515,15 @@ def grouped_mm_dispatch(
     """Sorted pairs through torch's grouped GEMM: one kernel for all experts' blocks (CUDA bf16).
 
     No host sync: the block ends (``offsets``) stay on the device, empty experts are skipped by
-    the kernel. Weights are used as stored, transposed views [E, H, 2I] and [E, I, H].
+    the kernel. Weights are used as stored, transposed views [E, H, 2I] and [E, I, H]. Autocast
+    does not cover the grouped GEMM: under it, the operands are cast as autocast casts a matmul's.
     """
+    out_dtype = hidden_states.dtype
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        dtype = torch.get_autocast_dtype(hidden_states.device.type)
+        hidden_states, gate_up_proj, down_proj = (
+            t.to(dtype) for t in (hidden_states, gate_up_proj, down_proj)
+        )
     if hidden_states.dtype not in GROUPED_MM_DTYPES or not grouped_mm_fits(
         hidden_states.shape[-1], down_proj.shape[-1], hidden_states.dtype
     ):
@@ -502,7 +537,7 @@ def grouped_mm_dispatch(
     x_sorted = hidden_states[plan.token_ids]  # [S, H]
     gate, up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)  # [S, I]
     y = _grouped_mm(act_fn(gate) * up, down_proj.transpose(1, 2), offs)  # [S, H]
-    return _unsort_combine(plan, y, top_k_weights, hidden_states.dtype)
+    return _unsort_combine(plan, y, top_k_weights, out_dtype)
 
 
 #: name -> the strategy without its argument checks (dispatch_combine checks once); the public

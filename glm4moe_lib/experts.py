@@ -29,6 +29,14 @@ def _check_act(hidden_act: str) -> None:
         raise ValueError(f"hidden_act={hidden_act!r} is not allowed: use one of {sorted(ACT_FNS)}")
 
 
+def _check_tokens(x: Tensor, name: str) -> None:
+    """Token representations: a floating-point tensor (token ids belong in an embedding first)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} is a {type(x).__name__}: expected a floating-point tensor [..., H]")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} has dtype {x.dtype}: expected a floating-point tensor [..., H]")
+
+
 def _plain_call(module: nn.Module | None) -> bool:
     """Whether calling ``module`` runs just its class's forward: no hooks, nothing patched in."""
     return module is None or not (
@@ -71,6 +79,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., H] -> [..., H]
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        _check_tokens(x, "x")
         cpu_kernel.check_mlp_shapes(x, *weights)  # a clear error, not one from inside a matmul
         if cpu_kernel.mlp_applies(x, *weights, self.act_fn) and self.plain_weights() is not None:
             return cpu_kernel.mlp_call(x, *weights)  # a few tokens, float32 CPU inference: one C call
@@ -79,6 +88,26 @@ class MLP(nn.Module):
 
 def swiglu(x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
     """One expert on a block of tokens: x [N, H], gate_up [2I, H], down [H, I] -> [N, H]."""
+    _check_tokens(x, "x")
+    if (
+        not (isinstance(gate_up, Tensor) and isinstance(down, Tensor))
+        or gate_up.dim() != 2
+        or down.dim() != 2
+    ):
+        what = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (gate_up, down)]
+        raise ValueError(f"gate_up and down are {what[0]} and {what[1]}: expected [2I, H] and [H, I] tensors")
+    hidden, inter = down.shape
+    cpu_kernel.check_shapes(
+        ("gate_up", gate_up, (2 * inter, hidden)),
+        fit=lambda: f"down {tuple(down.shape)} (H={hidden}, I={inter})",
+    )
+    if x.dim() == 0 or x.shape[-1] != hidden:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must be H={hidden}, as down's")
+    return _swiglu(x, gate_up, down, act_fn)
+
+
+def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+    """:func:`swiglu` without its checks, for the dispatch loops (their caller checked once)."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
     return F.linear(act_fn(gate) * up, down)
 

@@ -3,7 +3,9 @@
 ``MoE`` has the same submodule names and state_dict keys as transformers' ``Glm4MoeMoE``
 (``gate.weight``, ``gate.e_score_correction_bias``, ``experts.gate_up_proj``,
 ``experts.down_proj``, ``shared_experts.{gate,up,down}_proj.weight``), so a real checkpoint loads
-with ``moe.load_state_dict(hf_moe.state_dict())`` and gives the same outputs.
+with ``moe.load_state_dict(hf_moe.state_dict())`` and gives the same outputs (``MoE.from_hf`` builds
+the layer from its config too, and skips the zero-width shared MLP transformers keeps for
+``n_shared_experts=0``).
 """
 
 from __future__ import annotations
@@ -116,7 +118,6 @@ class MoE(nn.Module):
         if not (
             not torch.compiler.is_compiling()  # first: under compile, layer_threads would break the graph
             and c.scoring_func == "sigmoid"
-            and c.hidden_act == "silu"
             and c.dispatch in ("auto", "fused_cpu")
             and isinstance(x, Tensor)
             and x.dim() > 0
@@ -135,6 +136,7 @@ class MoE(nn.Module):
         if not (
             type(gate) is TopkRouter
             and type(experts) is Experts
+            and experts.act_fn is F.silu  # (the modules' activation, fixed when built: not config.hidden_act)
             and _plain_call(gate)
             and _plain_call(experts)
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
@@ -191,5 +193,9 @@ class MoE(nn.Module):
         moe = cls(MoEConfig.from_hf(hf_moe.config))
         param = next(hf_moe.parameters())
         moe.to(device=param.device, dtype=param.dtype)
-        moe.load_state_dict(hf_moe.state_dict(), strict=True)
+        state = hf_moe.state_dict()
+        if moe.shared_experts is None:  # transformers builds a zero-width shared MLP for n_shared_experts=0
+            zero_width = [k for k, v in state.items() if k.startswith("shared_experts.") and v.numel() == 0]
+            state = {k: v for k, v in state.items() if k not in zero_width}
+        moe.load_state_dict(state, strict=True)
         return moe

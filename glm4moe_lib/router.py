@@ -15,6 +15,8 @@ chains them.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -22,6 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
+
+
+def _check_temperature(temperature: float) -> None:
+    """A finite real number > 0 (inf would make every sigmoid score 0.5: a uniform routing)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite number > 0")
 
 
 class RouterOutput(NamedTuple):
@@ -35,8 +43,9 @@ class RouterOutput(NamedTuple):
 
 def compute_scores(logits: Tensor, scoring_func: str = "sigmoid", temperature: float = 1.0) -> Tensor:
     """Scores in float32: softmax over experts (probabilities) or an independent sigmoid each."""
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed: it must be > 0")
+    _check_temperature(temperature)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits is a {type(logits).__name__}: expected a tensor [tokens, experts]")
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if scoring_func == "softmax":
         return logits.softmax(dim=-1)
@@ -86,6 +95,11 @@ def route(
     temperature: float = 1.0,
 ) -> RouterOutput:
     """Steps 2–6 above on precomputed ``logits`` [T, E]; ``bias`` [E] shifts selection only."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits is a {type(logits).__name__}: expected a tensor [tokens, n_routed_experts]")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias is a {type(bias).__name__}: expected a tensor [n_routed_experts] or None")
+    _check_temperature(temperature)
     if logits.dim() != 2 or logits.shape[-1] != config.n_routed_experts:
         raise ValueError(
             f"logits has shape {tuple(logits.shape)}: expected [tokens, n_routed_experts="
@@ -135,9 +149,12 @@ class TopkRouter(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # model.to(torch.bfloat16) must not round the selection bias: keep it float32 (as
         # transformers' _keep_in_fp32_modules_strict does), only follow the device.
+        # fn's own result is kept where it stays float32 (.to(device), to_empty() from the meta device).
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device, torch.float32)
+        new = self.e_score_correction_bias
+        if new is not None and new.dtype != torch.float32:  # cast by fn: from the float32 original instead
+            self.e_score_correction_bias = bias.to(new.device, torch.float32)
         return self
 
     def forward(self, hidden_states: Tensor, temperature: float = 1.0) -> RouterOutput:
