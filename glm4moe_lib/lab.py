@@ -132,11 +132,7 @@ class LabResult:
 
     @property
     def label(self) -> str:
-        name = METHOD_NAMES[self.method]
-        if self.method == "none":
-            return name
-        sym = "u" if self.method == "bias" else "α"
-        return f"{name}, {sym}={self.coef:g}"
+        return _run_label(self.method, self.coef)
 
     @property
     def mean_max_vio(self) -> float:
@@ -158,6 +154,20 @@ class LabResult:
             "task loss (last 20 steps)": round(self.final_task_loss, digits),
             "held-out task loss": round(self.eval_task_loss, digits),
         }
+
+
+def _run_label(method: str, coef: float) -> str:
+    """The label of a run (its key in :func:`run_sweep`'s dict), e.g. ``"aux loss (Switch), α=0.01"``."""
+    name = METHOD_NAMES[method]
+    if method == "none":
+        return name
+    sym = "u" if method == "bias" else "α"
+    return f"{name}, {sym}={coef:g}"
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} is not allowed: it must be an integer")
 
 
 def _check_offset(offset: Tensor | None, hidden_size: int, skew: float) -> None:
@@ -195,7 +205,7 @@ def make_lab_moe(
     ``offset`` is a nonzero, finite [hidden_size] direction (None: no tilt); ``skew`` a finite number.
     """
     _check_offset(offset, hidden_size, skew)
-    torch.manual_seed(seed)
+    _check_seed(seed)
     config = MoEConfig(
         hidden_size=hidden_size,
         moe_intermediate_size=expert_size,
@@ -206,7 +216,9 @@ def make_lab_moe(
         norm_topk_prob=True,
         dispatch="sorted",
     )
-    moe = MoE(config)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG stream is left as it was
+        torch.random.default_generator.manual_seed(seed)
+        moe = MoE(config)
     if offset is not None and skew != 0:
         unit = offset / offset.norm()
         tilt = torch.linspace(1.0, -1.0, num_experts) * skew  # [E]: expert 0 richest
@@ -249,6 +261,7 @@ def run_balancing_experiment(
     :data:`METHODS`' default. Runs single-threaded on CPU, so the same seed gives the same numbers.
     """
     coef = _check_method(method, coef)
+    _check_seed(seed)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
@@ -322,7 +335,31 @@ def run_balancing_experiment(
 
 
 def run_sweep(runs: list[tuple[str, float | None]], **kwargs) -> dict[str, LabResult]:
-    """Several experiments with the same settings, keyed by their labels (in the given order)."""
+    """Several experiments with the same settings, keyed by their labels (in the given order).
+
+    ``runs`` holds ``(method, coef)`` pairs (coef None: the method's default, :data:`METHODS`); two
+    runs with the same label (e.g. ``("aux", None)`` and ``("aux", 1e-2)``) are rejected, not dropped.
+    """
+    if isinstance(runs, (str, bytes)) or not isinstance(runs, (list, tuple)):
+        raise TypeError(f"runs={runs!r:.60} is not allowed: pass a list of (method, coef) pairs")
+    labels: dict[str, tuple] = {}
+    for run in runs:
+        if not isinstance(run, (list, tuple)) or len(run) != 2:
+            raise ValueError(
+                f"runs holds {run!r:.60}: every run must be a (method, coef) pair, e.g. ('aux', 1e-2)"
+            )
+        label = _run_label(run[0], _check_method(*run))
+        if label in labels:
+            default = (
+                f" (coef None means the method's default, {METHODS[run[0]]:g})"
+                if None in (*labels[label], *run)
+                else ""
+            )
+            raise ValueError(
+                f"runs {tuple(labels[label])!r} and {tuple(run)!r} both give the label {label!r}{default}: "
+                "each run is one key of the result, so list it once or give distinct coefficients"
+            )
+        labels[label] = run
     results: dict[str, LabResult] = {}
     for method, coef in runs:
         result = run_balancing_experiment(method, coef, **kwargs)

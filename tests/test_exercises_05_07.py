@@ -205,6 +205,17 @@ def test_balance_loss_correct():
 
 
 @pytest.mark.parametrize(
+    "off", [torch.no_grad, lambda: torch.set_grad_enabled(False)], ids=["no_grad", "set_off"]
+)
+def test_balance_loss_check_works_with_gradients_turned_off(off):
+    """The lessons turn gradients off globally: a correct answer still passes, a detached one still fails."""
+    with off():
+        assert check_balance_loss(balance_loss).passed
+        assert "carries no gradient" in check_balance_loss(balance_loss_detached).message
+        assert not torch.is_grad_enabled()  # the caller's setting is left as it was
+
+
+@pytest.mark.parametrize(
     "fn, words",
     [
         (balance_loss_float, "carries no gradient"),
@@ -369,6 +380,36 @@ def test_router_mistakes(fn, words):
     assert words in result.message, result.message
 
 
+def route_no_scale(logits, bias, k, n_group, topk_group, norm, scale):
+    return glm4_route(logits, bias, k, n_group, topk_group, norm, 1.0)
+
+
+@pytest.mark.parametrize("fn", [route_no_scale, route_scale_first], ids=["never scaled", "scaled first"])
+def test_router_missing_scale_names_both_causes(fn):
+    """Never scaling and scaling before the renormalization give the same numbers: one message, both causes."""
+    message = check_glm4_router(fn).message
+    assert "never multiplied" in message and "scaled before renormalizing" in message, message
+
+
+def route_always_normalizes(logits, bias, k, n_group, topk_group, norm, scale):
+    return glm4_route(logits, bias, k, n_group, topk_group, True, scale)
+
+
+def test_router_normalizing_when_norm_topk_prob_is_false():
+    result = check_glm4_router(route_always_normalizes)
+    assert not result.passed
+    assert "norm_topk_prob is False here: do not divide by the sum" in result.message, result.message
+
+
+def test_router_float_indices_are_named_not_blamed_on_the_weights():
+    result = check_glm4_router(lambda *a: (glm4_route(*a)[0], glm4_route(*a)[1].float()))
+    assert "indices should be integers (torch.topk(...).indices), not floats" in result.message, (
+        result.message
+    )
+    swapped = check_glm4_router(lambda *a: glm4_route(*a)[::-1])
+    assert "in the order (weights, indices)" in swapped.message, swapped.message
+
+
 # ---- lesson 07: the layer ----------------------------------------------------------------------------
 
 
@@ -392,6 +433,17 @@ def moe_unweighted(moe, x):
 def test_moe_forward_correct():
     result = check_moe_forward(moe_forward)
     assert result.passed, result.message
+
+
+def test_moe_forward_leaves_the_global_rng_alone():
+    """The check builds its layers from a fixed seed without resetting the learner's RNG stream."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    assert check_moe_forward(moe_forward).passed
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    torch.manual_seed(999)  # another stream: the check still builds the same cases
+    assert check_moe_forward(moe_forward).passed
 
 
 @pytest.mark.parametrize(

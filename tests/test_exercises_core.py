@@ -79,3 +79,23 @@ def test_compare_values():
     assert "tuple of 2" in compare_values(torch.ones(2), (torch.ones(2), 3))
     assert "integer values differ" in compare_values(torch.tensor([1, 2]), torch.tensor([1, 3]))
     assert compare_values(1.0 + 1e-9, 1.0) is None
+
+
+def test_nan_in_the_output_is_said_in_words():
+    expected = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    got = torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]])  # an empty row divided by its sum
+    why = compare_values(got, expected)
+    assert "your output contains NaN" in why and "at 2 of 4 positions" in why and "0/0" in why, why
+    assert "largest difference" not in why
+    inf = compare_values(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, 2.0]))
+    assert "contains inf at 1 of 2 positions" in inf, inf
+    assert compare_values(got, got.clone()) is None  # NaN where NaN is expected is fine
+
+
+def test_largest_difference_ignores_matching_infinities():
+    """A masked -inf that matches is not a difference: the finite values are compared (not 'nan')."""
+    inf = float("inf")
+    why = compare_values(torch.tensor([-inf, 1.0]), torch.tensor([-inf, 2.0]))
+    assert "largest difference 1)" in why, why
+    why = compare_values(torch.tensor([0.0, 1.0]), torch.tensor([-inf, 1.0]))
+    assert "at 1 position where NaN or infinite values are expected" in why, why

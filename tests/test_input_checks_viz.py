@@ -8,6 +8,7 @@ import torch
 
 from glm4moe_lib.config import MoEConfig
 from glm4moe_lib.viz import balance as vb
+from glm4moe_lib.viz import dispatch as vd
 from glm4moe_lib.viz import parallel as vp
 from glm4moe_lib.viz import perf
 from glm4moe_lib.viz import routing as vr
@@ -218,3 +219,103 @@ def test_remaining_parallel_and_grid_plots_check_their_arguments():
     with pytest.raises(ValueError, match="world_sizes is empty"):
         vp.plot_scale(MoEConfig(), [])
     plt.close("all")
+
+
+# ---- bad input is rejected before a figure is made (none left open) ---------------------------
+
+
+def _no_new_figure(call, error, match):
+    before = set(plt.get_fignums())
+    with pytest.raises(error, match=match):
+        call()
+    assert set(plt.get_fignums()) == before, "a figure was left open by a call that raised"
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((100, 0, 2), ValueError, r"num_experts=0 .*>= 1"),
+        ((-5, 4, 2), ValueError, r"num_tokens=-5 .*>= 0"),
+        ((100, 4, 8), ValueError, r"top_k=8 .*\[1, 4\]"),
+        ((100, 4, 2, 0.0), ValueError, r"capacity_factor=0.0 .*> 0"),
+        ((100, 4, 2, "1.25"), TypeError, r"capacity_factor='1.25'"),
+        ((100.5, 4, 2), TypeError, r"num_tokens=100.5 .*integer"),
+    ],
+)
+def test_dispatch_memory_rejects_bad_sizes(args, error, match):
+    with pytest.raises(error, match=match):
+        vd.dispatch_memory(*args)
+
+
+def test_dispatch_memory_figure_rejects_bad_token_counts():
+    _no_new_figure(lambda: vd.plot_dispatch_memory(token_counts=[64, 0]), ValueError, r"token_counts\[1\]=0")
+    _no_new_figure(lambda: vd.plot_dispatch_memory(token_counts=[]), ValueError, "token_counts=")
+
+
+@pytest.mark.parametrize("window, error", [(2.5, TypeError), (0, ValueError), (-3, ValueError)])
+def test_smoothing_window_is_checked_before_the_figure(window, error, lab_results):
+    metrics = {"train": [{"step": 0, "loss": 3.0, "max_vio": [0.5]}], "eval": []}
+    for call in (
+        lambda: vb.plot_tradeoff(lab_results, window=window),
+        lambda: vt.plot_loss_curves(metrics, window=window),
+        lambda: vt.plot_max_vio({**metrics, "model_config": {"first_k_dense_replace": 0}}, window=window),
+        lambda: vb.smooth([1.0, 2.0], window),
+        lambda: vt.smooth([1.0, 2.0], window),
+    ):
+        _no_new_figure(call, error, f"window={window}")
+
+
+@pytest.mark.parametrize("plot", [vb.plot_training_step, vb.plot_bias_trajectories])
+@pytest.mark.parametrize("bad", [{}, None, [1]])
+def test_single_run_figures_want_a_lab_result(plot, bad):
+    _no_new_figure(lambda: plot(bad), TypeError, "expected a LabResult")
+
+
+def test_layer_loads_want_one_name_per_layer():
+    loads = [torch.ones(4), torch.tensor([4.0, 0, 0, 0]), torch.ones(4)]
+    _no_new_figure(
+        lambda: vb.plot_layer_loads(loads, ["layer 1"]),
+        ValueError,
+        "layer_names has 1 names but loads has 3 layers",
+    )
+    _no_new_figure(lambda: vb.plot_layer_loads(loads[:1], ["a", "b"]), ValueError, "layer_names has 2 names")
+
+
+def test_dropped_vs_capacity_checks_every_routing():
+    good = torch.tensor([[0, 1], [2, 3]])
+    _no_new_figure(
+        lambda: vd.plot_dropped_vs_capacity({"a": good, "b": good + 6}, 8),
+        ValueError,
+        r"routings\['b'\] holds expert ids",
+    )
+    _no_new_figure(
+        lambda: vd.plot_dropped_vs_capacity({"empty": good[:0]}, 8),
+        ValueError,
+        r"routings\['empty'\] .*no \(token, slot\) pairs",
+    )
+    _no_new_figure(
+        lambda: vd.plot_dropped_vs_capacity({f"r{i}": good for i in range(33)}, 8),
+        ValueError,
+        "at most 32 lines",
+    )
+    _no_new_figure(
+        lambda: vd.plot_dropped_vs_capacity({"a": good}, 8, [1.0, -1.0]), ValueError, "capacity_factors=-1.0"
+    )
+
+
+def test_capacity_explorer_checks_every_routing_up_front():
+    """A bad routing is named when the widget is built, not later when the dropdown reaches it."""
+    routings = {"fine": torch.tensor([[0, 1]]), "bad": torch.tensor([[9, 1]])}
+    with pytest.raises(ValueError, match=r"routings\['bad'\] holds expert ids from 1 to 9: .*\[0, 8\)"):
+        capacity_explorer(routings, 8)
+    with pytest.raises(TypeError, match=r"routings\['list'\] is a list"):
+        capacity_explorer({"fine": routings["fine"], "list": [[1, 2]]}, 8)
+    with pytest.raises(ValueError, match=r"routings\['flat'\] has shape \(2,\)"):
+        capacity_explorer({"flat": torch.tensor([0, 1])}, 8)
+
+
+@pytest.fixture(scope="module")
+def lab_results():
+    from glm4moe_lib.lab import run_sweep
+
+    return run_sweep([("none", None), ("aux", 1e-2)], steps=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glm4moe_lib import max_violation
-from glm4moe_lib.lab import METHODS, LabResult, make_task, run_balancing_experiment, run_sweep
+from glm4moe_lib.lab import METHODS, LabResult, make_lab_moe, make_task, run_balancing_experiment, run_sweep
 
 STEPS = 120
 
@@ -118,3 +118,48 @@ def test_task_sample_shapes():
     task = make_task(hidden_size=16)
     x, y = task.sample(3, 5, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (3, 5, 16)
+
+
+@pytest.mark.parametrize(
+    "runs, label",
+    [
+        ([("aux", None), ("aux", 1e-2)], "aux loss (Switch), α=0.01"),  # None is aux's default, 1e-2
+        ([("bias", 1e-3), ("none", None), ("bias", 1e-3)], "bias update (loss-free), u=0.001"),
+    ],
+)
+def test_sweep_rejects_runs_with_one_label(runs, label):
+    """Two runs under one label would silently keep only the last: say so instead, before any training."""
+    with pytest.raises(ValueError, match="both give the label") as info:
+        run_sweep(runs, steps=1)
+    assert label in str(info.value) and repr(tuple(runs[-1])) in str(info.value)
+
+
+def test_sweep_rejects_malformed_runs():
+    with pytest.raises(ValueError, match=r"\(method, coef\) pair"):
+        run_sweep([("aux",)], steps=1)
+    with pytest.raises(TypeError, match="runs='aux'"):
+        run_sweep("aux", steps=1)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda: make_lab_moe(seed=3), lambda: run_balancing_experiment("aux", steps=2, seed=3)],
+    ids=["make_lab_moe", "run_balancing_experiment"],
+)
+def test_lab_leaves_the_global_rng_alone(call):
+    """Seeded runs (still deterministic) that do not reset the learner's RNG stream."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    call()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_make_lab_moe_is_deterministic_whatever_the_global_seed():
+    torch.manual_seed(0)
+    a = make_lab_moe(seed=3).gate.weight
+    torch.manual_seed(1)
+    b = make_lab_moe(seed=3).gate.weight
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="seed=1.5"):
+        make_lab_moe(seed=1.5)

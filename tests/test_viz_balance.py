@@ -1,5 +1,6 @@
 """Figures of lessons 05–07 build, and the widgets redraw when a control changes."""
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -162,3 +163,53 @@ def test_run_styles(results):
     assert styles["aux loss (Switch), α=0.1"][1] == "-"
     assert styles["aux loss (Switch), α=0.001"][1] == "--"
     assert len({styles[k] for k in more}) == len(more)
+
+
+def test_run_styles_give_every_coefficient_its_own_style():
+    """Four or more coefficients of one method: each its own line style (and marker), solid = largest."""
+    coefs = [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    more = run_sweep([("aux", c) for c in coefs], steps=1)
+    styles = vb.run_styles(more)
+    assert len({styles[k] for k in more}) == len(coefs)
+    assert styles["aux loss (Switch), α=0.1"] == (vb.METHOD_COLORS["aux"], "-")
+    assert [styles[f"aux loss (Switch), α={c:g}"][1] for c in sorted(coefs, reverse=True)[:4]] == [
+        "-",
+        "--",
+        ":",
+        "-.",
+    ]
+    fig = vb.plot_tradeoff(more, window=1)
+    scatter_markers = {tuple(map(tuple, c.get_paths()[0].vertices.round(3))) for c in fig.axes[2].collections}
+    assert len(scatter_markers) == len(coefs)
+
+
+def test_capacity_drops_with_no_pairs():
+    """Zero tokens: no division by zero; the title says there is nothing to route."""
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    before = set(plt.get_fignums())
+    fig = vd.plot_capacity_drops(empty, 8, 1.25)
+    assert "no pairs to route" in fig.axes[0].get_title()
+    assert set(plt.get_fignums()) == before
+    box = capacity_explorer({"some": torch.tensor([[0, 1]]), "none": empty}, 8)
+    box.controls["routing"].value = "none"
+    assert "no pairs to route" in box.figure.axes[0].get_title()
+
+
+def test_dropped_vs_capacity_tells_more_than_eight_routings_apart(routing):
+    many = {f"routing {i}": routing["random"] for i in range(12)}
+    fig = vd.plot_dropped_vs_capacity(many, 8, [1.0, 2.0])
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() in many]
+    assert len(lines) == 12
+    looks = {(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in lines}
+    assert len(looks) == 12
+
+
+@pytest.mark.parametrize(
+    "elem_size, dtype", [(2, "(bf16)"), (4, "(fp32)"), (1, "(fp8)"), (3, "(3-byte elements)")]
+)
+def test_scale_title_names_the_element_type(elem_size, dtype):
+    from glm4moe_lib.config import GLM45
+    from glm4moe_lib.viz.parallel import plot_scale
+
+    fig = plot_scale(GLM45, [2, 4, 8], elem_size=elem_size)
+    assert fig.axes[0].get_title().endswith(dtype)

@@ -12,8 +12,9 @@ from matplotlib.patches import Rectangle
 
 from glm4moe_lib import MoEConfig, route
 from glm4moe_lib.router import RouterOutput
-from glm4moe_lib.viz.core import PALETTE
+from glm4moe_lib.viz.core import PALETTE, ink
 from glm4moe_lib.viz.dispatch import plot_permutation
+from glm4moe_lib.viz.parallel import plot_token_routes
 from glm4moe_lib.viz.routing import (
     capacity_numbers,
     dense_weights,
@@ -23,6 +24,7 @@ from glm4moe_lib.viz.routing import (
     plot_moe_diagram,
     plot_routing,
 )
+from glm4moe_lib.viz.training import expert_colors, plot_routing_text, routing_html
 from glm4moe_lib.widgets.routing import (
     capacity_calculator,
     embed_text,
@@ -216,6 +218,47 @@ def test_plot_permutation_text_contrasts_with_every_box():
     assert checked == 2 * idx.numel() + idx.shape[0]  # both pair columns, and the out[t] boxes
     black_box = tuple(round(0.85 * c + 0.15, 3) for c in to_rgb("#000000"))
     assert ink_on[black_box] == "white"  # expert 7's black box: white text, not black on black
+
+
+@pytest.mark.parametrize("fill", [*PALETTE, *[f"#{v:02x}{v:02x}{v:02x}" for v in range(0, 256, 15)]])
+def test_ink_is_readable_on_any_fill(fill):
+    """Black or white, whichever contrasts more: at least 4.5:1 (WCAG AA) on every palette colour."""
+    assert _contrast(to_rgb(fill), to_rgb(ink(fill))) >= 4.5
+
+
+def test_token_routes_expert_ids_are_readable_on_every_rank_colour():
+    world = len(PALETTE)  # one rank per palette colour: orange, yellow, sky blue included
+    idx = [torch.tensor([[r, (r + 1) % world]]) for r in range(world)]  # [1, 2] per rank, 1 expert per rank
+    fig = plot_token_routes(idx, world, world)
+    checked = 0
+    for ax in fig.axes:
+        fills = {
+            (p.get_x(), p.get_y()): p.get_facecolor()[:3] for p in ax.patches if isinstance(p, Rectangle)
+        }
+        for text in ax.texts:
+            x, y = text.get_position()
+            fill = fills[(round(x - 0.47, 6), round(y - 0.45, 6))]
+            ratio = _contrast(fill, to_rgb(text.get_color()))
+            assert ratio >= 4.5, (
+                f"expert {text.get_text()} ({text.get_color()}) on {fill}: contrast {ratio:.2f}"
+            )
+            checked += 1
+    assert checked == 2 * world
+
+
+@pytest.mark.parametrize("n_experts", [8, 16])
+def test_routing_text_colours_are_readable(n_experts):
+    """The coloured-text views (HTML and figure) pick a text colour readable on every expert colour."""
+    tokens = [chr(ord("a") + e % 26) for e in range(n_experts)]
+    fig = plot_routing_text(tokens, list(range(n_experts)), n_experts)
+    colors = expert_colors(n_experts)
+    for e, text in enumerate(fig.axes[0].texts[:n_experts]):
+        assert _contrast(to_rgb(colors[e]), to_rgb(text.get_color())) >= 4.5, (colors[e], text.get_color())
+    html = routing_html(tokens, list(range(n_experts)), n_experts)
+    for c in colors:
+        text = "#000000" if f"background:{c};color:#000000" in html else "#FFFFFF"
+        assert f"background:{c};color:{text}" in html
+        assert _contrast(to_rgb(c), to_rgb(text)) >= 4.5, (c, text)
 
 
 # ---- widgets -------------------------------------------------------------------------------------

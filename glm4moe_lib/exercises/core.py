@@ -100,7 +100,15 @@ def compare_values(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e
                 return "its integer values differ from the expected ones"
             return None
         if not torch.allclose(g.double(), e.double(), atol=atol, rtol=rtol, equal_nan=True):
-            diff = (g.double() - e.double()).abs().max().item()
+            why = _non_finite(g, e)
+            if why:
+                return why
+            finite = g.isfinite() & e.isfinite()
+            special = int((~finite & (g != e) & ~(g.isnan() & e.isnan())).sum())
+            if special:
+                where = "position" if special == 1 else "positions"
+                return f"its values differ at {special} {where} where NaN or infinite values are expected"
+            diff = (g.double() - e.double())[finite].abs().max().item()
             return f"its values differ from the expected ones (largest difference {diff:.3g})"
         return None
     if isinstance(expected, float):
@@ -119,6 +127,23 @@ def compare_values(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e
     except Exception:  # e.g. an array compared element by element
         same = False
     return None if same else f"it returned {describe(got)}, but {expected!r} is expected"
+
+
+def _non_finite(got: Tensor, expected: Tensor) -> str | None:
+    """Plain words for NaN (or inf) in ``got`` where ``expected`` is finite, else None."""
+    nan = int((got.isnan() & ~expected.isnan()).sum())
+    if nan:
+        return (
+            f"your output contains NaN (not a number) at {nan} of {got.numel()} positions where the expected "
+            "values are numbers (a 0/0, or the log of 0?)"
+        )
+    inf = int((got.isinf() & expected.isfinite()).sum())
+    if inf:
+        return (
+            f"your output contains inf at {inf} of {got.numel()} positions where the expected values are "
+            "finite (a division by 0, or an overflow?)"
+        )
+    return None
 
 
 def as_number(got: Any) -> tuple[Any, str | None]:

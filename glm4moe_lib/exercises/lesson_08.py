@@ -170,6 +170,11 @@ def _top1_only(topk_indices, domain_ids, n_domains, n_experts):
     return c / c.sum(1, keepdim=True).clamp_min(1)
 
 
+def _no_clamp(topk_indices, domain_ids, n_domains, n_experts):
+    c = _counts(topk_indices, domain_ids, n_domains, n_experts)
+    return c / c.sum(1, keepdim=True)  # an empty domain's row: 0/0 = NaN
+
+
 def _global_norm(topk_indices, domain_ids, n_domains, n_experts):
     c = _counts(topk_indices, domain_ids, n_domains, n_experts)
     return c / c.sum()
@@ -228,6 +233,11 @@ def check_specialization_matrix(fn: Callable[..., Tensor]) -> CheckResult:
             Mistake(
                 "you divided by the total over all domains: normalize within each domain's row.",
                 _global_norm,
+            ),
+            Mistake(
+                "a domain with no tokens has a row sum of 0, and dividing by it gives 0/0 = NaN: divide by "
+                "the row sum .clamp_min(1), so an empty domain's row stays all zeros.",
+                _no_clamp,
             ),
         ],
     )

@@ -223,6 +223,11 @@ def check_balance_loss(fn: Callable[..., Any]) -> CheckResult:
     P_e = mean over tokens of p_e. With ``top_k=1`` it is the Switch Transformer's loss. The loss
     must carry the gradient to the logits (through P_e), since training adds it to the task loss:
     a Python number, or a tensor cut from the graph, is reported as such."""
+    with torch.enable_grad():  # the lessons turn gradients off globally; the loss must carry one here
+        return _check_balance_loss(fn)
+
+
+def _check_balance_loss(fn: Callable[..., Any]) -> CheckResult:
     g = _gen(7)
     skew = torch.randn(6, 8, generator=g)
     skew[:, 0] += 2.0
@@ -400,6 +405,14 @@ def _sorted_routing(value: Any) -> Any:
 
 
 def _compare_routing(got: Any, expected: Any) -> str | None:
+    """compare_values on (weights, indices), any order of the K experts in a row; float indices are
+    reported as such (not blamed on the weights)."""
+    if isinstance(got, tuple) and len(got) == 2 and all(isinstance(v, Tensor) for v in got):
+        w, idx = got
+        if idx.is_floating_point() and not w.is_floating_point():
+            return "it returned (indices, weights): return them in the order (weights, indices)"
+        if idx.is_floating_point():
+            return "the indices should be integers (torch.topk(...).indices), not floats"
     return compare_values(_sorted_routing(got), _sorted_routing(expected))
 
 
@@ -486,13 +499,18 @@ def check_glm4_router(fn: Callable[..., Any]) -> CheckResult:
             variant(group_top=1),
         ),
         Mistake(
-            "you scaled before renormalizing, so the scale cancelled: renormalize first, then multiply by "
-            "routed_scaling_factor.",
+            "your weights sum to 1: they miss the routed_scaling_factor, either never multiplied by it or "
+            "scaled before renormalizing (the division cancelled the scale). Renormalize first, then multiply "
+            "by routed_scaling_factor.",
             variant(scale_before_norm=True),
         ),
         Mistake(
             "you did not renormalize: with norm_topk_prob, divide the K weights by their sum.",
             variant(renorm=False),
+        ),
+        Mistake(
+            "norm_topk_prob is False here: do not divide by the sum, only multiply by routed_scaling_factor.",
+            lambda logits, b, k, ng, tg, norm, s: _route_variant(logits, b, k, ng, tg, True, s),
         ),
         Mistake(
             "you skipped routed_scaling_factor: multiply the weights by it (whether or not they were renormalized).",
@@ -518,10 +536,11 @@ class _PartsOnlyMoE(MoE):
 
 
 def _moe_case(name: str, config: MoEConfig, tokens: int, seed: int) -> Case:
-    torch.manual_seed(seed)
-    moe = _PartsOnlyMoE(config).eval()
-    with torch.no_grad():
-        moe.gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts) * 0.2)
+    with torch.random.fork_rng(devices=[]):  # the learner's global RNG stream is left as it was
+        torch.random.default_generator.manual_seed(seed)
+        moe = _PartsOnlyMoE(config).eval()
+        with torch.no_grad():
+            moe.gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts) * 0.2)
     x = torch.randn(tokens, config.hidden_size, generator=_gen(seed))
     return Case(name, (moe, x))
 

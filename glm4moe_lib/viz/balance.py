@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from ..balance import load_balancing_loss, sequence_balance_loss
 from ..lab import LabResult
-from .core import PALETTE, close, heatmap, to_numpy
+from .core import PALETTE, check_int, close, heatmap, to_numpy
 
 __all__ = [
     "METHOD_COLORS",
@@ -44,8 +44,17 @@ def _check_results(results: Mapping[str, LabResult]) -> None:
             raise ValueError(f"results[{name!r}] is a {type(r).__name__}: expected a LabResult")
 
 
+def _check_result(result: LabResult) -> None:
+    if not isinstance(result, LabResult):
+        raise TypeError(
+            f"result is a {type(result).__name__}: expected a LabResult (from lab.run_balancing_experiment, "
+            "or one value of lab.run_sweep's dict)"
+        )
+
+
 def smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
-    """Trailing moving average (the first points average what is there so far)."""
+    """Trailing moving average (the first points average what is there so far); ``window`` >= 1."""
+    check_int("window", window, 1, what=" (the moving average's length; 1: no smoothing)")
     arr = np.asarray(values, dtype=float)
     if window <= 1 or len(arr) == 0:
         return arr
@@ -67,6 +76,7 @@ def relative_load(result: LabResult) -> np.ndarray:
 def plot_training_step(result: LabResult, step: int | None = None) -> Figure:
     """Expert × step heatmap of the load (relative to the fair share), a line at ``step``, and the
     load bars and MaxVio at that step."""
+    _check_result(result)
     steps = result.steps
     step = steps - 1 if step is None else step
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < steps:
@@ -136,41 +146,63 @@ METHOD_COLORS = {
     "bias": PALETTE[2],
     "seq": PALETTE[3],
 }
-_STYLES = {1: ["-"], 2: ["--", "-"], 3: [":", "--", "-"]}
-_MARKERS = {"-": "o", "--": "s", ":": "^"}
+#: (line style, scatter marker) of one method's coefficients, from the largest down: solid, dashed,
+#: dotted, dash-dot, then finer dash patterns (matplotlib's (offset, (on, off, ...)) form).
+_LADDER: list[tuple[str | tuple, str]] = [
+    ("-", "o"),
+    ("--", "s"),
+    (":", "^"),
+    ("-.", "D"),
+    ((0, (5, 1, 1, 1, 1, 1)), "v"),
+    ((0, (8, 2)), "P"),
+    ((0, (1, 3)), "X"),
+    ((0, (4, 2, 1, 2, 1, 2, 1, 2)), "*"),
+]
 
 
-def run_styles(results: Mapping[str, LabResult]) -> dict[str, tuple[str, str]]:
-    """(colour, line style) per run: colour by method, solid for its largest coefficient, then
-    dashed and dotted for smaller ones."""
-    styles: dict[str, tuple[str, str]] = {}
+def _run_ladder(results: Mapping[str, LabResult]) -> dict[str, tuple[str, str | tuple, str]]:
+    """(colour, line style, marker) per run; see :func:`run_styles`."""
+    out: dict[str, tuple[str, str | tuple, str]] = {}
     by_method: dict[str, list[tuple[float, str]]] = {}
     for label, r in results.items():
         by_method.setdefault(r.method, []).append((r.coef, label))
     for method, runs in by_method.items():
-        runs.sort()
-        ladder = _STYLES.get(len(runs), ["-"] * len(runs))
-        for (_, label), style in zip(runs, ladder):
-            styles[label] = (METHOD_COLORS.get(method, PALETTE[5]), style)
-    return styles
+        if len(runs) > len(_LADDER):
+            raise ValueError(
+                f"results holds {len(runs)} runs of method {method!r}: at most {len(_LADDER)} coefficients of "
+                "one method get distinct line styles"
+            )
+        runs.sort(key=lambda run: run[0], reverse=True)  # largest coefficient first: solid
+        for (_, label), (style, marker) in zip(runs, _LADDER):
+            out[label] = (METHOD_COLORS.get(method, PALETTE[5]), style, marker)
+    return out
+
+
+def run_styles(results: Mapping[str, LabResult]) -> dict[str, tuple[str, str | tuple]]:
+    """(colour, line style) per run: colour by method; within a method every coefficient gets its
+    own style, solid for the largest, then dashed, dotted, dash-dot and finer dash patterns for
+    smaller ones (at most 8 coefficients per method)."""
+    _check_results(results)
+    return {label: (color, style) for label, (color, style, _) in _run_ladder(results).items()}
 
 
 def plot_tradeoff(results: Mapping[str, LabResult], window: int = 10) -> Figure:
     """MaxVio and task loss over training (moving averages), and the end-of-training trade-off:
     held-out MaxVio (MaxVio_global) against held-out task loss. Colour = method, line style =
-    coefficient (solid = the largest)."""
+    coefficient (solid = the largest); ``window`` is the moving average's length (1: raw)."""
     _check_results(results)
-    styles = run_styles(results)
+    check_int("window", window, 1, what=" (the moving average's length; 1: no smoothing)")
+    styles = _run_ladder(results)
     fig, (ax_v, ax_l, ax_s) = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
     for label, r in results.items():
-        color, style = styles[label]
+        color, style, marker = styles[label]
         ax_v.plot(smooth(r.max_vio, window), color=color, linestyle=style, lw=1.8, label=label)
         ax_l.plot(smooth(r.task_loss, window), color=color, linestyle=style, lw=1.8, label=label)
         ax_s.scatter(
             r.eval_max_vio,
             r.eval_task_loss,
             color=color,
-            marker=_MARKERS[style],
+            marker=marker,
             s=70,
             edgecolors="black",
             zorder=3,
@@ -211,6 +243,7 @@ def plot_bias_trajectories(result: LabResult) -> Figure:
     One Okabe–Ito colour per expert (qualitative, colour-blind-safe: a sequential colormap makes
     neighbouring experts indistinguishable); past 8 experts the colours repeat with another line style.
     """
+    _check_result(result)
     bias = to_numpy(result.bias)  # [S, E]
     rel0 = relative_load(result)[0]
     fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
@@ -235,7 +268,7 @@ def plot_bias_trajectories(result: LabResult) -> Figure:
 def balance_conventions(
     num_experts: int = 8, top_ks: Sequence[int] = (1, 2, 4, 8), tokens: int = 512
 ) -> dict:
-    """The three losses for uniform routing (equal logits, ties broken so the picks are spread
+    """The two losses for uniform routing (equal logits, ties broken so the picks are spread
     evenly) at several top-K: Switch/transformers' ``E·Σ f·P`` (uniform gives K) and DeepSeek's
     sequence-wise loss (uniform gives 1)."""
     for name, value in (("num_experts", num_experts), ("tokens", tokens)):
@@ -297,7 +330,18 @@ def plot_layer_loads(
         )
     arr = np.stack(rows)
     rel = arr / np.maximum(arr.sum(1, keepdims=True) / e, 1e-9)
-    names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(len(rows))]
+    if layer_names is None:
+        names = [f"layer {i}" for i in range(len(rows))]
+    elif isinstance(layer_names, str) or not isinstance(layer_names, Sequence):
+        raise TypeError(
+            f"layer_names={layer_names!r:.60} is not allowed: pass a list of names, one per layer"
+        )
+    elif len(layer_names) != len(rows):
+        raise ValueError(
+            f"layer_names has {len(layer_names)} names but loads has {len(rows)} layers: give one name per layer"
+        )
+    else:
+        names = [str(n) for n in layer_names]
     fig, ax = plt.subplots(figsize=(min(12, 3 + 0.45 * e), 1.2 + 0.5 * len(rows)), layout="constrained")
     im = heatmap(ax, rel, xlabel="expert", title="Load per layer ÷ fair share", vmin=0, yticklabels=names)
     im.colorbar.set_label("load ÷ (T·K/E)")

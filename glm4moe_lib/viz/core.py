@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import matplotlib as mpl
@@ -9,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 #: Sequential colormap for heatmaps (perceptually uniform, colour-blind-safe).
@@ -27,6 +29,26 @@ def check_scale(scale) -> None:
         raise ValueError(
             f"scale={scale!r} is not allowed: it must be a finite number > 0 (1.5 for a projector)"
         )
+
+
+def check_int(name: str, value, low: int, high: int | None = None, what: str = "") -> int:
+    """``value`` as an int if it is an integer (not a bool) in [low, high], else a TypeError /
+    ValueError naming ``name``, the value and what is allowed (``what`` adds a hint)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} is not allowed: it must be an integer{what}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer {bound}{what}")
+    return int(value)
+
+
+def ink(color, alpha: float = 1.0) -> str:
+    """Text colour for a box filled with ``color``: "black" or "white", whichever has the higher WCAG
+    contrast ratio with the fill as drawn (``color`` at ``alpha`` over the white page)."""
+    rgb = [alpha * c + (1 - alpha) for c in to_rgb(color)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return "white" if 1.05 / (luminance + 0.05) > (luminance + 0.05) / 0.05 else "black"
 
 
 def use_course_style(scale: float = 1.0) -> None:

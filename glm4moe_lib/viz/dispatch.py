@@ -7,17 +7,18 @@ and its exercises use them too. Every ``plot_*`` returns a closed figure (shown 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..dispatch import _check_index, capacity_keep_mask, expert_capacity, plan_dispatch
-from .core import PALETTE, close, to_numpy
+from ..dispatch import _check_index, capacity_keep_mask, check_expert_ids, expert_capacity, plan_dispatch
+from .core import PALETTE, check_int, close, ink, to_numpy
 
 __all__ = [
     "capacity_drops",
@@ -63,6 +64,11 @@ def dispatch_memory(
     * sorted indices (dropless): order, token ids and expert ids [T*K] int64 and offsets [E+1];
       the dispatched activations are [T*K, H].
     """
+    check_int("num_tokens", num_tokens, 0)
+    check_int("num_experts", num_experts, 1)
+    check_int("top_k", top_k, 1, num_experts, f" (at most num_experts={num_experts})")
+    check_int("hidden_size", hidden_size, 0, what=" (0: the routing bookkeeping only)")
+    _check_factor("capacity_factor", capacity_factor)
     cap = expert_capacity(num_tokens, num_experts, top_k, capacity_factor)
     masks = num_tokens * num_experts * cap * (1 + 4)
     sorted_idx = 3 * num_tokens * top_k * 8 + (num_experts + 1) * 8
@@ -70,6 +76,29 @@ def dispatch_memory(
         masks += num_experts * cap * hidden_size * 4
         sorted_idx += num_tokens * top_k * hidden_size * 4
     return {"capacity masks": masks, "sorted indices": sorted_idx, "capacity": cap}
+
+
+def _check_factor(name: str, value) -> None:
+    """A capacity factor: a finite number > 0, else a TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} is not allowed: it must be a number > 0 (e.g. 1.25)")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0 (e.g. 1.25)")
+
+
+def check_routings(routings: Mapping[str, Tensor], num_experts: int) -> None:
+    """``routings``: a non-empty dict {name: top_k_index [T, K]} of expert ids in [0, num_experts),
+    else a clear error naming ``routings[name]``."""
+    if not isinstance(routings, Mapping) or not routings:
+        raise ValueError(
+            f"routings={routings!r:.60} is not allowed: pass a non-empty dict {{name: top_k_index [T, K]}}"
+        )
+    for name, idx in routings.items():
+        label = f"routings[{name!r}]"
+        check_expert_ids(idx, num_experts, label, check_range=False)
+        if idx.dim() != 2:
+            raise ValueError(f"{label} has shape {tuple(idx.shape)}: expected [tokens, top_k]")
+        check_expert_ids(idx, num_experts, label)
 
 
 # ---- the pictures --------------------------------------------------------------------------------
@@ -101,15 +130,6 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
     colors = _expert_colors(num_experts)
     box_alpha = 0.85
 
-    def ink(color: str) -> str:
-        # Text colour for a box: black or white, whichever contrasts more (WCAG contrast ratio) with the
-        # fill as drawn, i.e. the colour at box_alpha over the white background (black on expert 7's box
-        # would be unreadable).
-        rgb = [box_alpha * c + (1 - box_alpha) for c in to_rgb(color)]
-        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
-        luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
-        return "white" if 1.05 / (luminance + 0.05) > (luminance + 0.05) / 0.05 else "black"
-
     n = t * k
     fig, ax = plt.subplots(figsize=(11, max(4.0, 0.3 * n + 1.2)), layout="constrained")
     x_in, x_sorted, x_out = 0.0, 4.0, 8.0
@@ -120,7 +140,7 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
         e = flat[i]
         ax.add_patch(plt.Rectangle((x_in - 0.9, y_pair(i) - 0.4), 1.8, 0.8, color=colors[e], alpha=box_alpha))
         label = f"t{tok}·k{slot} → e{e}"
-        ax.text(x_in, y_pair(i), label, ha="center", va="center", fontsize=9, color=ink(colors[e]))
+        ax.text(x_in, y_pair(i), label, ha="center", va="center", fontsize=9, color=ink(colors[e], box_alpha))
     for j, i in enumerate(order):
         tok, slot = divmod(int(i), k)
         e = flat[i]
@@ -128,7 +148,9 @@ def plot_permutation(top_k_index: Tensor, num_experts: int, top_k_weights: Tenso
             plt.Rectangle((x_sorted - 0.9, y_pair(j) - 0.4), 1.8, 0.8, color=colors[e], alpha=box_alpha)
         )
         label = f"t{tok}" + ("" if weights is None else f" ×{weights[i]:.2f}")
-        ax.text(x_sorted, y_pair(j), label, ha="center", va="center", fontsize=9, color=ink(colors[e]))
+        ax.text(
+            x_sorted, y_pair(j), label, ha="center", va="center", fontsize=9, color=ink(colors[e], box_alpha)
+        )
         ax.plot([x_in + 0.9, x_sorted - 0.9], [y_pair(i), y_pair(j)], color=colors[e], lw=1, alpha=0.6)
         lw = 1.0 if weights is None else 0.5 + 3.0 * float(weights[i]) / max(float(weights.max()), 1e-9)
         ax.plot([x_sorted + 0.9, x_out - 0.6], [y_pair(j), y_tok(tok)], color=colors[e], lw=lw, alpha=0.6)
@@ -167,40 +189,74 @@ def plot_capacity_drops(
 ) -> Figure:
     """Per-expert load with the capacity line: what fits (blue) and what is dropped (vermillion)."""
     _check_index(top_k_index, num_experts)
+    _check_factor("capacity_factor", capacity_factor)
     t, k = top_k_index.shape
     cap, dropped = capacity_drops(top_k_index, num_experts, capacity_factor)
     load = to_numpy(torch.bincount(top_k_index.reshape(-1).cpu(), minlength=num_experts))
     kept = np.minimum(load, cap)
+    pairs = t * k
+    what = f"{dropped} of {pairs} pairs dropped ({dropped / pairs:.0%})" if pairs else "no pairs to route"
+    title = title or f"capacity factor {capacity_factor:g}: {what}"
     fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
     xs = np.arange(num_experts)
     ax.bar(xs, kept, color=PALETTE[0], label="processed")
     ax.bar(xs, load - kept, bottom=kept, color=PALETTE[3], label="dropped")
     ax.axhline(cap, color="black", linestyle="--", lw=1.5, label=f"capacity C = {cap}")
-    ax.axhline(t * k / num_experts, color=PALETTE[2], linestyle=":", lw=1.5, label="balanced T·K/E")
+    ax.axhline(pairs / num_experts, color=PALETTE[2], linestyle=":", lw=1.5, label="balanced T·K/E")
     ax.set_xlabel("expert")
     ax.set_ylabel("(token, slot) pairs")
     ax.set_xticks(xs)
-    ax.set_title(
-        title
-        or f"capacity factor {capacity_factor:g}: {dropped} of {t * k} pairs dropped ({dropped / (t * k):.0%})"
-    )
+    ax.set_title(title)
     ax.legend(loc="upper right", fontsize=9)
     return close(fig)
+
+
+#: (line style, marker) of the routings past each 8 (the palette's colours repeat).
+_LINE_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 
 
 def plot_dropped_vs_capacity(
     routings: dict[str, Tensor], num_experts: int, capacity_factors: Sequence[float] | None = None
 ) -> Figure:
-    """Fraction of pairs dropped against the capacity factor, one line per routing."""
-    factors = list(capacity_factors) if capacity_factors is not None else list(np.linspace(0.5, 3.0, 26))
+    """Fraction of pairs dropped against the capacity factor, one line per routing (past 8 routings
+    the colours repeat with another line style and marker)."""
+    check_routings(routings, num_experts)
+    most = len(PALETTE) * len(_LINE_STYLES)
+    if len(routings) > most:
+        raise ValueError(
+            f"routings holds {len(routings)} routings: at most {most} lines can be told apart in one figure"
+        )
+    for name, idx in routings.items():
+        if idx.numel() == 0:
+            raise ValueError(
+                f"routings[{name!r}] has shape {tuple(idx.shape)}: it holds no (token, slot) pairs, so no "
+                "fraction of them can be dropped"
+            )
+    if capacity_factors is None:
+        factors = [float(f) for f in np.linspace(0.5, 3.0, 26)]
+    elif isinstance(capacity_factors, (str, bytes)) or not isinstance(capacity_factors, Sequence):
+        raise TypeError(
+            f"capacity_factors={capacity_factors!r:.60} is not allowed: pass a list of numbers > 0"
+        )
+    else:
+        factors = list(capacity_factors)
+    if not factors:
+        raise ValueError(
+            "capacity_factors is empty: pass at least one capacity factor, e.g. [1.0, 1.25, 2.0]"
+        )
+    for f in factors:
+        _check_factor("capacity_factors", f)
+    lines = {name: dropped_fraction(idx, num_experts, factors) for name, idx in routings.items()}
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-    for i, (name, idx) in enumerate(routings.items()):
+    for i, (name, fractions) in enumerate(lines.items()):
+        style, marker = _LINE_STYLES[i // len(PALETTE)]
         ax.plot(
             factors,
-            dropped_fraction(idx, num_experts, factors),
-            marker="o",
-            ms=3,
-            color=PALETTE[i],
+            fractions,
+            linestyle=style,
+            marker=marker,
+            ms=3 if marker == "o" else 4,
+            color=PALETTE[i % len(PALETTE)],
             label=name,
         )
     for f, style in ((1.0, ":"), (1.25, "--")):
@@ -221,7 +277,17 @@ def plot_dispatch_memory(
     token_counts: Sequence[int] | None = None,
 ) -> Figure:
     """Routing bookkeeping memory against batch size: [T, E, C] masks grow as T², sorted indices as T."""
-    counts = list(token_counts) if token_counts is not None else [2**p for p in range(6, 17)]
+    if token_counts is None:
+        counts = [2**p for p in range(6, 17)]
+    elif isinstance(token_counts, (str, bytes)) or not isinstance(token_counts, Sequence) or not token_counts:
+        raise ValueError(
+            f"token_counts={token_counts!r:.60} is not allowed: pass a non-empty list of batch sizes, e.g. [64, 1024]"
+        )
+    else:
+        counts = [
+            check_int(f"token_counts[{i}]", t, 1, what=" (a batch size, drawn on a log axis)")
+            for i, t in enumerate(token_counts)
+        ]
     masks = [dispatch_memory(t, num_experts, top_k, capacity_factor)["capacity masks"] for t in counts]
     sorted_idx = [dispatch_memory(t, num_experts, top_k, capacity_factor)["sorted indices"] for t in counts]
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")

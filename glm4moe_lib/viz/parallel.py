@@ -6,6 +6,8 @@ Okabe–Ito palette (rank r: ``PALETTE[r]``), so a rank keeps its colour in ever
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from torch import Tensor
 from ..config import MoEConfig
 from ..dispatch import check_expert_ids
 from ..parallel import check_world_size, comm_bytes_per_token
-from .core import PALETTE, close, heatmap, to_numpy
+from .core import PALETTE, close, heatmap, ink, to_numpy
 
 
 def rank_color(rank: int) -> str:
@@ -68,7 +70,7 @@ def plot_token_routes(
                 color = rank_color(owner) if keep[t, k] else "#BBBBBB"
                 ax.add_patch(plt.Rectangle((k, t), 0.94, 0.9, color=color))
                 label = str(idx[t, k]) if keep[t, k] else f"×{idx[t, k]}"
-                ax.text(k + 0.47, t + 0.45, label, ha="center", va="center", fontsize=9, color="white")
+                ax.text(k + 0.47, t + 0.45, label, ha="center", va="center", fontsize=9, color=ink(color))
         ax.set_xlim(0, top_k)
         ax.set_ylim(max(tokens, 1), 0)
         ax.set_xticks([k + 0.47 for k in range(top_k)], labels=[f"choice {k + 1}" for k in range(top_k)])
@@ -177,13 +179,23 @@ def plot_comm_volume(
     return close(fig)
 
 
+#: The usual element type of each element size, for figure titles.
+_DTYPE_NAMES = {1: "fp8", 2: "bf16", 4: "fp32"}
+
+
 def plot_scale(
     config: MoEConfig, world_sizes: Sequence[int], elem_size: int = 2, name: str = "GLM-4.5"
 ) -> Figure:
     """All-to-all bytes per token per MoE layer (forward: dispatch + combine) against the EP degree,
-    one row sent per remote (token, expert) pair, as :class:`~glm4moe_lib.parallel.EPMoE` does."""
+    one row sent per remote (token, expert) pair, as :class:`~glm4moe_lib.parallel.EPMoE` does;
+    ``elem_size`` bytes per element (2: bf16, 4: fp32, 1: fp8), named in the title."""
     if not len(world_sizes):
         raise ValueError("world_sizes is empty: pass the EP degrees to plot, e.g. [1, 2, 4, 8]")
+    if isinstance(elem_size, bool) or not isinstance(elem_size, numbers.Real) or not 0 < elem_size < math.inf:
+        raise ValueError(
+            f"elem_size={elem_size!r} is not allowed: it must be the bytes per element, a number > 0"
+        )
+    dtype = _DTYPE_NAMES.get(elem_size, f"{elem_size:g}-byte elements")
     rows = [comm_bytes_per_token(config, w, elem_size) for w in world_sizes]
     fwd = [r["forward"] / 1024 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -198,7 +210,7 @@ def plot_scale(
     ax.set_xlabel("GPUs sharing the experts (EP degree) and experts per GPU")
     ax.set_ylabel("KiB per token per layer")
     ax.set_ylim(0, limit * 2.3)
-    ax.set_title(f"{name}: all-to-all bytes per token per MoE layer (bf16)")
+    ax.set_title(f"{name}: all-to-all bytes per token per MoE layer ({dtype})")
     ax.legend(loc="upper left", fontsize=9)
     fig.tight_layout()
     return close(fig)

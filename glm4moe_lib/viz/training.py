@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .core import CMAP, PALETTE, close, heatmap, to_numpy
+from .core import CMAP, PALETTE, check_int, close, heatmap, ink, to_numpy
 
 __all__ = [
     "char_classes",
@@ -33,8 +33,12 @@ __all__ = [
 ]
 
 
+_WINDOW = " (the moving average's length; 1: no smoothing)"
+
+
 def smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
-    """Trailing moving average (the first points average what is there)."""
+    """Trailing moving average (the first points average what is there); ``window`` >= 1."""
+    check_int("window", window, 1, what=_WINDOW)
     v = np.asarray(values, dtype=float)
     if window <= 1 or len(v) == 0:
         return v
@@ -65,8 +69,10 @@ def plot_loss_curves(
     metrics: Mapping[str, Any], *, window: int = 10, title: str = "Training and validation loss"
 ) -> Figure:
     """Train loss (smoothed line) and validation loss (markers) against step, one colour per run."""
+    runs = _runs(metrics)
+    check_int("window", window, 1, what=_WINDOW)
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    for i, (label, m) in enumerate(_runs(metrics).items()):
+    for i, (label, m) in enumerate(runs.items()):
         color = PALETTE[i % len(PALETTE)]
         steps = [r["step"] for r in m["train"]]
         ax.plot(steps, smooth([r["loss"] for r in m["train"]], window), color=color, label=f"{label}: train")
@@ -118,6 +124,7 @@ def plot_max_vio(
 ) -> Figure:
     """MaxVio of every MoE layer during training (smoothed), one panel per run."""
     runs = {k: v for k, v in _runs(metrics).items() if v["train"] and v["train"][0].get("max_vio")}
+    check_int("window", window, 1, what=_WINDOW)
     if not runs:
         raise ValueError(
             "metrics has no run with a recorded 'max_vio' (a model with MoE layers, trained at least "
@@ -243,8 +250,8 @@ def expert_colors(n_experts: int) -> list[str]:
 
 
 def _text_color(background: str) -> str:
-    r, g, b = mcolors.to_rgb(background)
-    return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#FFFFFF"
+    """Black or white text, whichever contrasts more (WCAG) with ``background``."""
+    return "#FFFFFF" if ink(background) == "white" else "#000000"
 
 
 def _check_token_experts(tokens: Sequence[str], experts: Sequence[int], n_experts: int) -> list[int]:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..lab import LabResult
 from ..viz.balance import plot_training_step
-from ..viz.dispatch import plot_capacity_drops
+from ..viz.dispatch import check_routings, plot_capacity_drops
 from .core import attach_redraw, check_slider_value
 
 __all__ = ["capacity_explorer", "training_explorer"]
@@ -67,12 +67,16 @@ def training_explorer(
 def capacity_explorer(
     routings: Mapping[str, Tensor], num_experts: int, capacity_factor: float = 1.25
 ) -> widgets.VBox:
-    """Pick a routing and a capacity factor: per-expert load, the capacity line, what is dropped."""
+    """Pick a routing and a capacity factor: per-expert load, the capacity line, what is dropped.
+
+    Every routing is checked here (a bad one is named, ``routings[name]``), not when the dropdown
+    reaches it."""
     if not isinstance(routings, Mapping) or not routings:
         raise ValueError("routings must be a non-empty dict {name: top_k_index [T, K]}")
     names = list(routings)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts={num_experts!r} is not allowed: it must be a positive integer")
+    check_routings(routings, num_experts)
     low, high, step = _FACTOR_RANGE
     check_slider_value("capacity_factor", capacity_factor, low, high, step, kind=float)
     controls = {
