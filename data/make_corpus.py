@@ -11,7 +11,7 @@ Output: ``data/corpus/<domain>.txt`` and ``data/corpus/manifest.json`` (sizes an
 file; ``glm4moe_lib.data.load_corpus`` checks them on load). Run from anywhere::
 
     python data/make_corpus.py            # writes data/corpus/
-    python data/make_corpus.py --check    # regenerates in memory and compares with the files
+    python data/make_corpus.py --check    # regenerates in memory, compares manifest and every file
 
 Only the Python standard library is used, and ``random.Random(seed)`` per domain, so the output
 is the same on every machine and Python version >= 3.10.
@@ -194,18 +194,53 @@ def write(out_dir: Path = OUT_DIR, seed: int = SEED) -> dict:
     return man
 
 
+def check(out_dir: Path = OUT_DIR, seed: int = SEED) -> list[str]:
+    """What differs between ``out_dir`` and the generator's output: one line per problem (none: it
+    matches). Compares the manifest and the SHA-256 of every file the generator would write."""
+    expected = manifest(generate(seed), seed)
+    problems = []
+    manifest_path = out_dir / "manifest.json"
+    try:
+        stored = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        problems.append(f"{manifest_path}: missing")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{manifest_path}: unreadable ({type(exc).__name__}: {exc})")
+    else:
+        if stored != expected:
+            problems.append(f"{manifest_path}: differs from the generator's manifest")
+    for domain, info in expected["files"].items():
+        path = out_dir / info["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing (domain {domain!r})")
+            continue
+        raw = path.read_bytes()
+        if sha256(raw) != info["sha256"]:
+            problems.append(
+                f"{path}: differs (domain {domain!r}): sha256 {sha256(raw)[:16]}... ({len(raw)} bytes), "
+                f"expected {info['sha256'][:16]}... ({info['bytes']} bytes)"
+            )
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the multi-domain corpus (deterministic).")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default data/corpus)")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--check", action="store_true", help="compare with the files instead of writing")
+    parser.add_argument(
+        "--check", action="store_true", help="compare the manifest and every file with the generator's output"
+    )
     args = parser.parse_args(argv)
     if args.check:
-        expected = manifest(generate(args.seed), args.seed)
-        stored = json.loads((args.out / "manifest.json").read_text())
-        ok = stored == expected
-        print("corpus matches its generator" if ok else "corpus differs from its generator")
-        return 0 if ok else 1
+        problems = check(args.out, args.seed)
+        if not problems:
+            print(f"corpus in {args.out} matches its generator (manifest and every file)")
+            return 0
+        print(f"corpus in {args.out} differs from its generator:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        print("regenerate it with `python data/make_corpus.py`", file=sys.stderr)
+        return 1
     man = write(args.out, args.seed)
     for domain, info in man["files"].items():
         print(f"{domain:8s} {info['bytes']:8d} bytes  sha256 {info['sha256'][:16]}...")

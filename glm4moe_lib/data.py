@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import operator
 import os
 import reprlib
@@ -85,6 +86,12 @@ def load_corpus(path: str | Path | None = None) -> dict[str, str]:
                 "with `python data/make_corpus.py`"
             )
         file = root / str(info["file"])
+        if file.is_dir():
+            raise ValueError(
+                f"manifest={str(manifest_path)!r} is not a valid corpus manifest: files[{domain!r}]"
+                f"['file']={info['file']!r} is a directory, not a text file; regenerate it with "
+                "`python data/make_corpus.py`"
+            )
         if not file.is_file():
             raise ValueError(
                 f"corpus file {str(file)!r} (domain {domain!r}) is missing: regenerate it with "
@@ -126,7 +133,7 @@ class ByteTokenizer:
         """Token ids -> str (an incomplete UTF-8 sequence becomes the replacement character)."""
         if isinstance(ids, Tensor):
             if (
-                ids.dim() > 1
+                ids.dim() != 1
                 or ids.dtype.is_floating_point
                 or ids.dtype.is_complex
                 or ids.dtype == torch.bool
@@ -178,6 +185,19 @@ def split_corpus(
     texts: dict[str, str], val_fraction: float = 0.1, tokenizer: ByteTokenizer | None = None
 ) -> Corpus:
     """Tokenize every domain; its last ``val_fraction`` of tokens is the validation split."""
+    if not isinstance(texts, dict):
+        raise TypeError(
+            f"texts of type {type(texts).__name__} is not allowed: it must be a dict domain name -> "
+            "text (str), as load_corpus returns"
+        )
+    bad_names = [d for d in texts if not isinstance(d, str)]
+    if bad_names:
+        raise TypeError(f"texts has the domain name {bad_names[0]!r}: domain names must be str")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real):
+        raise TypeError(
+            f"val_fraction={val_fraction!r} is not allowed: it must be a number in (0, 1), "
+            f"not {type(val_fraction).__name__}"
+        )
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} is not allowed: it must be in (0, 1)")
     if not texts:
@@ -227,21 +247,28 @@ def _check_sizes(data: dict[str, Tensor], batch_size: int, seq_len: int) -> None
 
 
 class BatchLoader:
-    """Random training windows, an equal share of rows per domain (row i is domain i % D).
+    """Random training windows, an equal share of rows per domain.
 
+    Row i of the c-th batch (c = 0, 1, ...) is domain (i + c * batch_size) % D: the domains take
+    turns, so every domain is sampled even when batch_size < D, and over D / gcd(batch_size, D)
+    batches each gets the same number of rows (every batch, when batch_size is a multiple of D).
     Seeded with its own ``torch.Generator``; ``state_dict()``/``load_state_dict()`` save and restore
     its position, so a resumed run sees exactly the batches an uninterrupted one would.
     """
 
     def __init__(self, data: dict[str, Tensor], batch_size: int, seq_len: int, seed: int = 0) -> None:
         _check_sizes(data, batch_size, seq_len)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed={seed!r} is not allowed: it must be an integer in [0, 2**64)")
         self.data = data
         self.domains = list(data)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.generator = torch.Generator().manual_seed(seed)
+        self.calls = 0  # batches drawn so far: where the domain rotation stands
 
     def next(self) -> Batch:
-        dom = torch.arange(self.batch_size) % len(self.domains)  # [B]
+        offset = self.calls * self.batch_size
+        dom = (torch.arange(self.batch_size) + offset) % len(self.domains)  # [B]
         xs, ys = [], []
         for d in dom.tolist():
             ids = self.data[self.domains[d]]
@@ -249,6 +276,7 @@ class BatchLoader:
             window = ids[start : start + self.seq_len + 1]
             xs.append(window[:-1])
             ys.append(window[1:])
+        self.calls += 1
         return Batch(torch.stack(xs), torch.stack(ys), dom)
 
     def __iter__(self):
@@ -256,10 +284,32 @@ class BatchLoader:
             yield self.next()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        """Restore a ``state_dict()`` (one without "calls", from before the rotation, counts as 0)."""
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state of type {type(state).__name__} is not allowed: pass a dict from BatchLoader.state_dict()"
+            )
+        if "generator" not in state:
+            raise ValueError(
+                f"state has keys {sorted(state)}: it lacks 'generator' (pass a dict from BatchLoader.state_dict())"
+            )
+        calls = state.get("calls", 0)
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"state['calls']={calls!r} is not allowed: it must be an integer >= 0")
+        gen = state["generator"]
+        try:
+            self.generator.set_state(gen)
+        except (TypeError, RuntimeError) as exc:
+            what = (
+                f"a {gen.dtype} tensor of shape {tuple(gen.shape)}" if isinstance(gen, Tensor) else repr(gen)
+            )
+            raise ValueError(
+                f"state['generator'] is {what}: it is not a CPU torch.Generator state ({exc})"
+            ) from None
+        self.calls = calls
 
 
 def eval_batches(data: dict[str, Tensor], batch_size: int, seq_len: int, n_batches: int) -> list[Batch]:

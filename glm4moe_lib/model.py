@@ -82,6 +82,24 @@ def _check_ids_tensor(input_ids: Any) -> None:
         )
 
 
+def _check_model_config(config: Any) -> None:
+    if not isinstance(config, ModelConfig):
+        raise TypeError(
+            f"config of type {type(config).__name__} is not allowed: it must be a ModelConfig "
+            "(see model_preset)"
+        )
+
+
+def _check_hidden(name: str, x: Any, hidden_size: int, dims: str = "[..., H]") -> None:
+    """A tensor whose last dimension is ``hidden_size`` (and 3 dimensions for "[B, S, H]")."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} of type {type(x).__name__} is not allowed: it must be a {dims} tensor")
+    if x.dim() == 0 or x.shape[-1] != hidden_size or (dims == "[B, S, H]" and x.dim() != 3):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}: expected {dims} with H = hidden_size={hidden_size}"
+        )
+
+
 #: Label value that the loss skips (``F.cross_entropy``'s default ``ignore_index``).
 IGNORE_INDEX = -100
 
@@ -182,11 +200,12 @@ class ModelConfig:
                 f"partial_rotary_factor={self.partial_rotary_factor!r} is not allowed: it must be a number "
                 "in (0, 1]"
             )
-        if self.rotary_dim % 2 != 0 or self.rotary_dim == 0:
+        product = self.get_head_dim * self.partial_rotary_factor
+        if abs(product - round(product)) > 1e-9 or self.rotary_dim % 2 != 0 or self.rotary_dim == 0:
             raise ValueError(
                 f"partial_rotary_factor={self.partial_rotary_factor!r} is not allowed with "
-                f"head_dim={self.get_head_dim}: head_dim * partial_rotary_factor must be a positive "
-                "even integer"
+                f"head_dim={self.get_head_dim}: head_dim * partial_rotary_factor = {product:g} must be a "
+                "positive even integer (the number of rotated dimensions)"
             )
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             _check_positive_float(name, getattr(self, name))
@@ -202,7 +221,7 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.get_head_dim * self.partial_rotary_factor)
+        return round(self.get_head_dim * self.partial_rotary_factor)
 
     @property
     def num_moe_layers(self) -> int:
@@ -306,10 +325,13 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
+        _check_int("hidden_size", hidden_size, 1)
+        _check_positive_float("eps", eps)
         self.weight = nn.Parameter(torch.ones(hidden_size))  # [H]
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: Tensor) -> Tensor:  # [..., H] -> [..., H]
+        _check_hidden("hidden_states", hidden_states, self.weight.shape[0])
         input_dtype = hidden_states.dtype
         x = hidden_states.float()
         variance = x.pow(2).mean(-1, keepdim=True)  # [..., 1]
@@ -325,6 +347,14 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate the first ``rotary_dim`` dims of q, k [B, heads, S, D] by cos, sin [S, rotary_dim]."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} of type {type(t).__name__} is not allowed: it must be a tensor")
+    if cos.shape != sin.shape or cos.dim() < 2 or cos.shape[-2] != q.shape[-2] or cos.shape[-1] > q.shape[-1]:
+        raise ValueError(
+            f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} do not fit q {tuple(q.shape)}: expected "
+            "both [S, rotary_dim] with S = q's sequence length and rotary_dim <= q's head_dim"
+        )
     rd = cos.shape[-1]
     q_rot, q_pass = q[..., :rd], q[..., rd:]
     k_rot, k_pass = k[..., :rd], k[..., rd:]
@@ -338,6 +368,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        _check_model_config(config)
         dim = config.rotary_dim
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
@@ -354,6 +385,8 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        _check_model_config(config)
+        _check_int("layer_idx", layer_idx, 0)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.get_head_dim
@@ -374,6 +407,7 @@ class Attention(nn.Module):
         self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """hidden_states [B, S, H] -> [B, S, H]; each position sees itself and the past only."""
+        _check_hidden("hidden_states", hidden_states, self.config.hidden_size, "[B, S, H]")
         bsz, seq, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(bsz, seq, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(bsz, seq, self.num_kv_heads, self.head_dim)
@@ -400,7 +434,12 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        if not 0 <= layer_idx < config.num_hidden_layers:
+        _check_model_config(config)
+        if (
+            isinstance(layer_idx, bool)
+            or not isinstance(layer_idx, int)
+            or not 0 <= layer_idx < config.num_hidden_layers
+        ):
             raise ValueError(
                 f"layer_idx={layer_idx!r} is not allowed: it must be in [0, {config.num_hidden_layers})"
             )
@@ -422,6 +461,7 @@ class DecoderLayer(nn.Module):
         return_routing: bool = False,
     ) -> Tensor | tuple[Tensor, RouterOutput | None]:
         """[B, S, H] -> [B, S, H]; with ``return_routing`` also the RouterOutput (None if dense)."""
+        _check_hidden("hidden_states", hidden_states, self.input_layernorm.weight.shape[0], "[B, S, H]")
         residual = hidden_states
         hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), position_embeddings)
         residual = hidden_states
@@ -448,8 +488,7 @@ class GLMMoEModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        _check_model_config(config)
         config.validate()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -502,6 +541,14 @@ class GLMMoEModel(nn.Module):
         """
         _check_ids_tensor(input_ids)
         seq = input_ids.shape[1]
+        if seq == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: it needs at least one token (seq >= 1)"
+            )
+        if labels is not None and input_ids.shape[0] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: the loss needs at least one row (batch >= 1)"
+            )
         if seq > self.config.max_position_embeddings:
             raise ValueError(
                 f"input_ids has seq length {seq}: at most max_position_embeddings="
@@ -568,6 +615,13 @@ class GLMMoEModel(nn.Module):
             raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite number >= 0")
         if top_k is not None:
             _check_int("top_k", top_k, 1)
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+        ):
+            raise TypeError(
+                f"generator={generator!r} is not allowed: it must be a CPU torch.Generator (sampling "
+                "runs on the CPU) or None"
+            )
         ids = input_ids
         for _ in range(max_new_tokens):
             ctx = ids[:, -self.config.max_position_embeddings :]

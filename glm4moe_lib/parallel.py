@@ -21,9 +21,11 @@ split sizes swapped). The result equals the single-process :class:`~glm4moe_lib.
 concatenation of every rank's tokens; the replicated parameters' gradients must be summed over
 ranks (:meth:`EPMoE.allreduce_replicated_grads`) as data parallelism does.
 
-Backends: gloo on CPU, NCCL on GPUs (``init_distributed`` picks ``cuda:LOCAL_RANK`` when the node
-has a GPU for every local rank, else gloo on the CPU). Every rank must call forward and backward together; if a peer dies, the collectives fail
-(or time out after the process group's ``timeout``) and the layer raises :class:`ExpertParallelError`.
+Backends: gloo on CPU, NCCL on GPUs (``init_distributed`` starts from ``pick_device``, so
+``GLM4MOE_DEVICE`` decides, and uses ``cuda:LOCAL_RANK`` when the node has a GPU for every local
+rank, else gloo on the CPU). Every rank must call forward and backward together; if a peer dies,
+the collectives fail (or time out after the process group's ``timeout``) and the layer raises
+:class:`ExpertParallelError`.
 
 Run the check on N local processes::
 
@@ -87,6 +89,39 @@ __all__ = [
 
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_real(name: str, value: Any, low: float | None = None) -> None:
+    """A finite real number (not a bool), >= ``low`` when given, or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number")
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= {low}")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer in [0, 2**64)")
+
+
+def _check_tokens_per_rank(tokens_per_rank: Any) -> list[int]:
+    """A list of token counts, one int >= 0 per rank, or a clear error."""
+    ok = isinstance(tokens_per_rank, Sequence) and not isinstance(tokens_per_rank, str)
+    if not ok or not all(_is_int_at_least(t, 0) for t in tokens_per_rank):
+        raise ValueError(
+            f"tokens_per_rank={tokens_per_rank!r} is not allowed: it must be an int >= 0 (the same for "
+            "every rank) or a list of ints >= 0, one per rank"
+        )
+    return list(tokens_per_rank)
+
+
+def _check_capacity_factor(capacity_factor: Any) -> None:
+    if capacity_factor is not None:
+        expert_capacity(1, 1, 1, capacity_factor)  # a finite number > 0, or its ValueError
 
 
 def check_world_size(num_experts: int, world_size: int) -> int:
@@ -164,6 +199,8 @@ def comm_bytes_per_token(config: MoEConfig, world_size: int, elem_size: int = 2)
     ``dispatch`` and ``combine`` are one direction each; a training step also runs both in
     backward, so ``train_step`` is 4x the dispatch.
     """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__} (see preset)")
     check_world_size(config.n_routed_experts, world_size)
     dispatch = a2a_bytes_formula(1, config.num_experts_per_tok, config.hidden_size, world_size, elem_size)
     return {
@@ -249,7 +286,7 @@ def all_to_all(
     splits = {"output_splits": output_splits, "input_splits": input_splits}
     for name, value in splits.items():
         ok = isinstance(value, Sequence) and not isinstance(value, str)
-        if not ok or len(value) != world or not all(isinstance(v, int) and v >= 0 for v in value):
+        if not ok or len(value) != world or not all(_is_int_at_least(v, 0) for v in value):
             raise ValueError(
                 f"{name}={value!r} is not allowed: it must be a list of {world} non-negative ints, "
                 f"one per rank of the group (world size {world})"
@@ -403,8 +440,7 @@ class EPMoE(nn.Module):
                 "a member of it; build the layer only on the ranks of its group"
             )
         self.num_local = check_world_size(config.n_routed_experts, self.world_size)
-        if capacity_factor is not None:
-            expert_capacity(1, 1, 1, capacity_factor)  # validates
+        _check_capacity_factor(capacity_factor)
         self.capacity_factor = capacity_factor
         self.gate = TopkRouter(config)  # replicated
         self.experts = LocalExperts(config, self.num_local, self.rank * self.num_local)
@@ -421,6 +457,11 @@ class EPMoE(nn.Module):
         cls, moe: MoE, group: dist.ProcessGroup | None = None, capacity_factor: float | None = None
     ) -> EPMoE:
         """This rank's EP layer from a full ``MoE``: same router and shared expert, its expert shard."""
+        if not isinstance(moe, MoE):
+            raise TypeError(
+                f"moe of type {type(moe).__name__} is not allowed: it must be a glm4moe_lib.moe.MoE "
+                "(build one with MoE(config))"
+            )
         ep = cls(moe.config, group, capacity_factor)
         param = moe.experts.gate_up_proj
         ep.to(device=param.device, dtype=param.dtype)
@@ -557,6 +598,11 @@ def make_inputs(
     ``skew`` > 0 adds a selection bias favouring low-numbered experts (rank 0's), so the
     all-to-all splits become very uneven (some ranks may receive nothing).
     """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__} (see preset)")
+    tokens_per_rank = _check_tokens_per_rank(tokens_per_rank)
+    _check_seed(seed)
+    _check_real("skew", skew)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -573,7 +619,12 @@ def make_inputs(
 def reference_forward(moe: MoE, chunks: Sequence[Tensor], capacity_factor: float | None = None) -> Tensor:
     """Single-process outputs for all ranks' tokens [sum T_r, H], with EP's capacity rule applied
     per rank chunk (dropped pairs get weight 0). Without a capacity it is ``moe(cat(chunks))``."""
-    x = torch.cat(list(chunks))
+    chunks = list(chunks) if isinstance(chunks, Sequence) else chunks
+    if not isinstance(chunks, list) or not chunks or not all(isinstance(c, Tensor) for c in chunks):
+        raise ValueError(
+            f"chunks={chunks!r} is not allowed: pass a non-empty list of [T_r, H] tensors, one per rank"
+        )
+    x = torch.cat(chunks)
     if capacity_factor is None:
         return moe(x)
     cfg = moe.config
@@ -610,9 +661,17 @@ def run_check(
     with ``return_tensors`` its input, outputs, input grads and full parameter grads.
     """
     cfg = preset(config) if isinstance(config, str) else config
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig or a preset name, got {type(config).__name__}")
     rank, world = _group_info(group)
-    if isinstance(tokens_per_rank, int):
+    if _is_int_at_least(tokens_per_rank, 0):
         tokens_per_rank = [tokens_per_rank] * world
+    tokens_per_rank = _check_tokens_per_rank(tokens_per_rank)
+    _check_seed(seed)
+    _check_real("skew", skew)
+    _check_capacity_factor(capacity_factor)
+    _check_real("atol", atol, 0)
+    _check_real("rtol", rtol, 0)
     if len(tokens_per_rank) != world:
         raise ValueError(
             f"tokens_per_rank={list(tokens_per_rank)} needs one entry per rank (world_size={world})"
@@ -662,14 +721,23 @@ def run_check(
 
 
 def _rank_device() -> torch.device:
-    """cuda:LOCAL_RANK when this node has a GPU for every local rank (NCCL), else the CPU (gloo).
+    """This rank's device: :func:`~glm4moe_lib.pick_device` (``GLM4MOE_DEVICE`` or auto), per rank.
 
-    Every rank decides alike, so a 4-rank launch on a 1-GPU machine runs gloo on the CPU rather
-    than asking for cuda:1..3.
+    CUDA becomes ``cuda:LOCAL_RANK`` (NCCL) when this node has a GPU for every local rank, else the
+    CPU (gloo): every rank decides alike, so a 4-rank launch on a 1-GPU machine runs gloo on the
+    CPU rather than asking for cuda:1..3. A single rank keeps an explicit ``cuda:N``. MPS has no
+    collective backend, so it also means the CPU. ``GLM4MOE_DEVICE=cpu`` forces gloo.
     """
+    from .device import pick_device
+
+    device = pick_device()
+    if device.type != "cuda":
+        return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
+    if local_world == 1 and device.index is not None:
+        return device
+    if local_world <= torch.cuda.device_count():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -677,8 +745,9 @@ def _rank_device() -> torch.device:
 def init_distributed(timeout_s: float = 60.0, store: dist.Store | None = None) -> torch.device:
     """Initialize the default process group from torchrun's environment; returns this rank's device.
 
-    NCCL on ``cuda:LOCAL_RANK`` when CUDA is present, else gloo on the CPU. ``timeout_s`` bounds
-    how long a collective waits for a peer before failing.
+    NCCL on ``cuda:LOCAL_RANK`` when the device is CUDA (see :func:`_rank_device`: ``pick_device``,
+    so ``GLM4MOE_DEVICE`` decides), else gloo on the CPU. ``timeout_s`` bounds how long a collective
+    waits for a peer before failing.
     """
     device = _rank_device()
     kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
@@ -840,14 +909,16 @@ def launch_outcomes(
     init_retries: int = 2,
     **kwargs: Any,
 ) -> list[RankOutcome]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo processes on 127.0.0.1 and report each.
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` local processes (127.0.0.1) and report each.
 
-    Every rank gets the default process group (timeout ``pg_timeout_s``) and one CPU thread; ranks
+    Every rank gets the default process group (timeout ``pg_timeout_s``; NCCL on ``cuda:RANK`` when
+    the device is CUDA and there is a GPU for every rank, else gloo on the CPU: see
+    :func:`init_distributed`; ``GLM4MOE_DEVICE=cpu`` forces gloo) and one CPU thread; ranks
     still running after ``timeout_s`` are killed (their Python stacks go into the error).
     ``start_method`` defaults to "fork" on Linux (while CUDA and torch.distributed are not
     initialized here) and "spawn" elsewhere; with "spawn", ``fn`` must be importable.
 
-    Setting up gloo's connections between freshly started processes occasionally fails or stalls
+    Setting up the connections between freshly started processes occasionally fails or stalls
     on a busy machine; if the process group is not up on every rank within ``init_timeout_s``
     (default 10 s with fork, 120 s with spawn), all ranks are killed and started again, up to
     ``init_retries`` times (ranks that had already started ``fn`` start it again: it should be
@@ -893,7 +964,8 @@ def launch(
 
 
 def run_demo(world_size: int, timeout_s: float = 120.0, **check_kwargs: Any) -> list[dict[str, Any]]:
-    """:func:`run_check` on ``world_size`` local gloo processes; one result dict per rank."""
+    """:func:`run_check` on ``world_size`` local processes (see :func:`launch_outcomes`); one result
+    dict per rank."""
     return launch(run_check, world_size, timeout_s=timeout_s, **check_kwargs)
 
 

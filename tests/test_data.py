@@ -121,3 +121,60 @@ def test_bad_sizes_are_clear_errors(texts):
         BatchLoader(corpus.train, batch_size=2, seq_len=10_000_000)
     with pytest.raises(ValueError, match="val_fraction=1.5"):
         split_corpus(texts, val_fraction=1.5)
+
+
+def _old_next(loader):
+    """The loader before the domain rotation (row i is domain i % D): results to keep."""
+    dom = torch.arange(loader.batch_size) % len(loader.domains)
+    xs = []
+    for d in dom.tolist():
+        ids = loader.data[loader.domains[d]]
+        start = int(torch.randint(0, len(ids) - loader.seq_len, (1,), generator=loader.generator))
+        xs.append(ids[start : start + loader.seq_len])
+    return torch.stack(xs), dom
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 6])
+def test_loader_rotates_domains_for_equal_shares(texts, batch_size):
+    corpus = split_corpus(texts)
+    loader = BatchLoader(corpus.train, batch_size=batch_size, seq_len=8, seed=0)
+    domains = torch.cat([loader.next().domain for _ in range(12)])  # 12 batches: a multiple of 4 / gcd
+    assert torch.bincount(domains, minlength=4).tolist() == [12 * batch_size // 4] * 4
+    # the rotation is part of the state: a restored loader continues with the same domains
+    state = loader.state_dict()
+    assert state["calls"] == 12
+    b = loader.next()
+    fresh = BatchLoader(corpus.train, batch_size=batch_size, seq_len=8, seed=5)
+    fresh.load_state_dict(state)
+    again = fresh.next()
+    assert torch.equal(again.x, b.x) and torch.equal(again.domain, b.domain)
+
+
+def test_loader_with_a_multiple_of_the_domains_is_unchanged(texts):
+    corpus = split_corpus(texts)
+    loader = BatchLoader(corpus.train, batch_size=8, seq_len=16, seed=3)
+    old = BatchLoader(corpus.train, batch_size=8, seq_len=16, seed=3)
+    for _ in range(5):
+        b = loader.next()
+        x, dom = _old_next(old)
+        assert torch.equal(b.x, x) and torch.equal(b.domain, dom)
+    # a state from before the rotation (no "calls") restores as the start of the rotation
+    loader.load_state_dict({"generator": old.generator.get_state()})
+    assert loader.calls == 0 and torch.equal(loader.next().x, _old_next(old)[0])
+
+
+def test_make_corpus_check_hashes_every_file(tmp_path, capsys):
+    mc = _make_corpus_module()
+    root = _copy_corpus(tmp_path)
+    assert mc.main(["--check", "--out", str(root)]) == 0
+    assert "matches its generator" in capsys.readouterr().out
+    raw = bytearray((root / "math.txt").read_bytes())
+    raw[100] ^= 1
+    (root / "math.txt").write_bytes(bytes(raw))
+    (root / "code.txt").unlink()
+    assert mc.main(["--check", "--out", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "math.txt: differs" in err and "code.txt: missing" in err and "prose.txt" not in err
+    (root / "manifest.json").unlink()
+    assert mc.main(["--check", "--out", str(root)]) == 1
+    assert "manifest.json: missing" in capsys.readouterr().err

@@ -230,3 +230,69 @@ def test_model_from_checkpoint_valid(tmp_path, model, ids):
     path = _write_checkpoint(tmp_path / "ok.safetensors", model.config, model.state_dict())
     loaded = model_from_checkpoint(path)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+# ---- 6. empty input, building blocks, rotary sizes -----------------------------------------------
+
+
+def test_forward_on_empty_input_is_a_clear_error(model, ids):
+    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 0\): it needs at least one token"):
+        model(ids[:, :0], labels=ids[:, :0])
+    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 0\)"):
+        model(ids[:, :0])
+    with pytest.raises(ValueError, match=r"input_ids has shape \(0, 8\): the loss needs at least one row"):
+        model(ids[:0], labels=ids[:0])
+    assert model(ids[:0]).logits.shape == (0, 8, 256)  # no rows, no loss: fine
+
+
+def test_building_blocks_check_their_arguments():
+    from glm4moe_lib.model import Attention, DecoderLayer, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = ModelConfig(**SMALL)
+    for bad in (-1, 0, 4.0, True):
+        with pytest.raises(ValueError, match=rf"hidden_size={bad!r} is not allowed"):
+            RMSNorm(bad)
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"eps=.* is not allowed: it must be a finite number > 0"):
+            RMSNorm(4, eps=eps)
+    with pytest.raises(
+        ValueError, match=r"hidden_states has shape \(2, 5\): expected \[\.\.\., H\] with H = hidden_size=4"
+    ):
+        RMSNorm(4)(torch.zeros(2, 5))
+    for cls in (Attention, RotaryEmbedding):
+        with pytest.raises(TypeError, match=r"config of type dict is not allowed: it must be a ModelConfig"):
+            cls({})
+    with pytest.raises(TypeError, match=r"config of type dict"):
+        DecoderLayer({}, 0)
+    attn = Attention(cfg)
+    with pytest.raises(
+        ValueError,
+        match=r"hidden_states has shape \(1, 3, 16\): expected \[B, S, H\] with H = hidden_size=32",
+    ):
+        attn(torch.zeros(1, 3, 16))
+    with pytest.raises(ValueError, match=r"hidden_states has shape \(3, 32\): expected \[B, S, H\]"):
+        attn(torch.zeros(3, 32))
+    for idx in (1.0, True, -1):
+        with pytest.raises(ValueError, match=rf"layer_idx={idx!r} is not allowed"):
+            DecoderLayer(cfg, idx)
+    with pytest.raises(ValueError, match=r"layer_idx=1.0"):
+        Attention(cfg, 1.0)
+    with pytest.raises(ValueError, match=r"hidden_states has shape \(1, 3, 16\)"):
+        DecoderLayer(cfg, 1)(torch.zeros(1, 3, 16))
+    q = torch.zeros(1, 1, 3, 16)
+    with pytest.raises(ValueError, match=r"cos \(5, 8\) and sin \(5, 8\) do not fit q \(1, 1, 3, 16\)"):
+        apply_rotary_pos_emb(q, q, torch.zeros(5, 8), torch.zeros(5, 8))
+
+
+@pytest.mark.parametrize("head_dim, factor", [(None, 0.3), (16, 0.3), (8, 0.6)])
+def test_partial_rotary_factor_must_give_whole_dimensions(head_dim, factor):
+    with pytest.raises(
+        ValueError, match=rf"partial_rotary_factor={factor} is not allowed .*must be a positive even integer"
+    ):
+        ModelConfig(**SMALL, head_dim=head_dim, partial_rotary_factor=factor)
+
+
+def test_partial_rotary_factor_that_gives_whole_dimensions():
+    assert ModelConfig(**SMALL, head_dim=5, partial_rotary_factor=0.4).rotary_dim == 2
+    assert ModelConfig(**SMALL, head_dim=10, partial_rotary_factor=0.4).rotary_dim == 4
+    assert ModelConfig(**SMALL).rotary_dim == 4  # head_dim 8, factor 0.5

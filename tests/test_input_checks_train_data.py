@@ -214,3 +214,145 @@ def test_tokenizer_checks():
     with pytest.raises(TypeError, match=r"token_id=1.5"):
         tok.token_str(1.5)
     assert tok.decode(tok.encode("héllo")) == "héllo" and tok.token_str(10) == "⏎"
+
+
+# ---- 7. a resumed checkpoint is checked before training starts -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved")
+    train(_cfg(steps=3, eval_interval=0, out_dir=str(out)), corpus=corpus, stop_after=2)
+    return tr.load_checkpoint(out / "checkpoint.safetensors")
+
+
+def _tampered(saved_run, tmp_path, tensors=None, **meta):
+    from safetensors.torch import save_file
+
+    t, m = saved_run
+    t = {**t, **(tensors or {})}
+    path = tmp_path / "tampered.safetensors"
+    save_file({k: v for k, v in t.items() if v is not None}, str(path), metadata={**m, **meta})
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(step="-3"), r"its step is -3, but a step count is an integer >= 0"),
+        (dict(step="1"), r"its step is 1 but its metrics record 2 training steps"),
+        (
+            dict(tensors={"optim.3.exp_avg": None}),
+            r"optimizer state of parameter 3 has \['exp_avg_sq', 'step'\]",
+        ),
+        (dict(tensors={"optim.99.exp_avg": torch.zeros(1)}), r"optimizer tensor 'optim.99.exp_avg'"),
+        (dict(tensors={"optim.0.exp_avg": torch.zeros(3)}), r"optim.0.exp_avg is torch.float32 \(3,\)"),
+        (
+            dict(tensors={"rng.torch": torch.zeros(4, dtype=torch.uint8)}),
+            r"its rng.torch is not a random generator state",
+        ),
+        (dict(tensors={"rng.loader": torch.zeros(4, dtype=torch.uint8)}), r"its rng.loader is not a random"),
+        (dict(optim_param_groups="[]"), r"optimizer parameter groups do not fit this model's 2 groups"),
+        (dict(scheduler='{"last_epoch": 7}'), r"scheduler state does not belong to step 2"),
+        (dict(loader_calls="-1"), r"loader_calls='-1'"),
+        (dict(metrics='{"train": 3}'), r"its metrics lack the 'train' and 'eval' lists"),
+    ],
+)
+def test_resume_from_a_tampered_checkpoint_is_a_clear_error(
+    corpus, saved_run, tmp_path, monkeypatch, change, match
+):
+    path = _tampered(saved_run, tmp_path, **change)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started from a corrupt checkpoint")
+
+    monkeypatch.setattr(tr.BatchLoader, "next", no_training)
+    with pytest.raises(ValueError, match=rf"resume=.*tampered\.safetensors' is corrupt: .*{match}"):
+        train(_cfg(steps=3, eval_interval=0), corpus=corpus, resume=path)
+
+
+def test_resume_weights_of_another_dtype_is_a_clear_error(corpus, saved_run, tmp_path):
+    name = next(k for k in saved_run[0] if k.endswith("gate.weight"))
+    path = _tampered(saved_run, tmp_path, tensors={name: saved_run[0][name].double()})
+    with pytest.raises(ValueError, match=r"is corrupt: its weight .*gate.weight' is torch.float64"):
+        train(_cfg(steps=3, eval_interval=0), corpus=corpus, resume=path)
+
+
+def test_resume_argument_and_checkpoint_path_checks(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"checkpoint=.* is a directory, not a checkpoint file"):
+        tr.load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"is a directory, not a checkpoint file"):
+        train(_cfg(steps=1), corpus=corpus, resume=str(tmp_path))
+    with pytest.raises(TypeError, match=r"resume=5 is not allowed: .*path .*True"):
+        train(_cfg(steps=1), corpus=corpus, resume=5)
+    with pytest.raises(ValueError, match=r"resume='' is not allowed"):
+        train(_cfg(steps=1), corpus=corpus, resume="")
+
+
+# ---- 8. more argument checks ---------------------------------------------------------------------
+
+
+def test_lr_at_and_train_arguments():
+    with pytest.raises(ValueError, match=r"step=-5 is not allowed: .*>= 0"):
+        tr.lr_at(-5, TrainConfig())
+    with pytest.raises(ValueError, match=r"step=1.5"):
+        tr.lr_at(1.5, TrainConfig())
+    with pytest.raises(TypeError, match=r"cfg of type dict .*TrainConfig"):
+        tr.lr_at(0, {})
+    with pytest.raises(TypeError, match=r"corpus of type dict is not allowed: pass a Corpus"):
+        train(_cfg(steps=1), corpus={"a": "b"})
+
+
+def test_generate_seed_and_generator_checks(corpus):
+    model = tr.build_model(_cfg(steps=1))
+    for seed in (1.5, -1, True):
+        with pytest.raises(ValueError, match=rf"seed={seed!r} is not allowed"):
+            tr.generate(model, "hi", 2, seed=seed)
+    with pytest.raises(TypeError, match=r"model of type str .*GLMMoEModel"):
+        tr.generate("m", "hi")
+    with pytest.raises(TypeError, match=r"generator=5 is not allowed: .*torch.Generator"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, generator=5)
+
+
+def test_train_preset_and_from_dict_arguments():
+    with pytest.raises(
+        ValueError, match=r"train_preset got unknown field\(s\) \['foo'\]: allowed are \[.*'steps'"
+    ):
+        train_preset("tiny", foo=1)
+    with pytest.raises(TypeError, match=r"d of type list is not allowed"):
+        TrainConfig.from_dict([])
+
+
+def test_train_config_accepts_the_devices_pick_device_does():
+    assert TrainConfig(device="cuda:0").device == "cuda:0"
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    for bad in ("gpu", "cuda:x", "cuda:"):
+        with pytest.raises(ValueError, match=rf"device='{bad}' is not allowed: .*'cuda:N'"):
+            TrainConfig(device=bad)
+
+
+def test_data_argument_checks(corpus, tmp_path):
+    tok = ByteTokenizer()
+    with pytest.raises(TypeError, match=r"ids is a torch.int64 tensor of shape \(\): it must be a 1-D"):
+        tok.decode(torch.tensor(65))
+    with pytest.raises(TypeError, match=r"texts of type list is not allowed: it must be a dict"):
+        split_corpus(["abc"])
+    with pytest.raises(TypeError, match=r"val_fraction='0.1' is not allowed"):
+        split_corpus({"a": "abc" * 10}, val_fraction="0.1")
+    for seed in (1.5, "0", -1, True):
+        with pytest.raises(ValueError, match=rf"seed={seed!r} is not allowed"):
+            BatchLoader(corpus.train, 4, 8, seed=seed)
+    loader = BatchLoader(corpus.train, 4, 8)
+    with pytest.raises(ValueError, match=r"state has keys \[\]: it lacks 'generator'"):
+        loader.load_state_dict({})
+    with pytest.raises(ValueError, match=r"state\['generator'\] is a torch.uint8 tensor of shape \(3,\)"):
+        loader.load_state_dict({"generator": torch.zeros(3, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match=r"state\['calls'\]=-1"):
+        loader.load_state_dict({**loader.state_dict(), "calls": -1})
+    with pytest.raises(TypeError, match=r"state of type list"):
+        loader.load_state_dict([])
+    root = tmp_path / "c"
+    info = _write_corpus(root)
+    _write_corpus(root, manifest={"domains": ["a"], "files": {"a": {**info, "file": "."}}})
+    with pytest.raises(ValueError, match=r"files\['a'\]\['file'\]='\.' is a directory, not a text file"):
+        load_corpus(root)

@@ -392,3 +392,68 @@ def test_figures_draw(runs):
     assert all(isinstance(f, Figure) for f in figs)
     assert not plt.get_fignums()  # returned closed, shown once by the notebook
     assert torch.equal(vp.traffic_from_stats(stats), torch.tensor([s["sent"] for s in stats]))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(tokens_per_rank=-1), r"tokens_per_rank=-1 is not allowed: it must be an int >= 0"),
+        (dict(tokens_per_rank=[1.5]), r"tokens_per_rank=\[1.5\] is not allowed"),
+        (dict(tokens_per_rank=True), r"tokens_per_rank=True is not allowed"),
+        (dict(tokens_per_rank=[True]), r"tokens_per_rank=\[True\] is not allowed"),
+        (dict(skew=math.nan), r"skew=nan is not allowed: it must be a finite number"),
+        (dict(skew="a"), r"skew='a' is not allowed"),
+        (dict(atol=-1.0), r"atol=-1.0 is not allowed: it must be a finite number >= 0"),
+        (dict(rtol=math.inf), r"rtol=inf is not allowed"),
+        (dict(seed=-1), r"seed=-1 is not allowed"),
+        (dict(seed=1.5), r"seed=1.5 is not allowed"),
+    ],
+)
+def test_run_check_argument_checks(kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_check("tiny", **kw)
+
+
+def test_more_argument_checks():
+    with pytest.raises(ValueError, match=r"tokens_per_rank=\[-2\] is not allowed"):
+        make_inputs(CFG, [-2])
+    with pytest.raises(TypeError, match=r"config must be a MoEConfig, got str"):
+        make_inputs("tiny", [2])
+    with pytest.raises(TypeError, match=r"config must be a MoEConfig or a preset name, got dict"):
+        run_check({})
+    with pytest.raises(TypeError, match=r"moe of type dict is not allowed: it must be a glm4moe_lib.moe.MoE"):
+        EPMoE.from_moe({})
+    with pytest.raises(ValueError, match=r"input_splits=\[True\] is not allowed"):
+        parallel.all_to_all(torch.zeros(1, 3), [1], [True])
+    with pytest.raises(TypeError, match=r"config must be a MoEConfig, got str"):
+        comm_bytes_per_token("tiny", 2)
+    with pytest.raises(ValueError, match=r"chunks=\[\] is not allowed"):
+        parallel.reference_forward(MoE(CFG), [])
+
+
+def _fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_rank_device_follows_pick_device(monkeypatch):
+    """GLM4MOE_DEVICE decides, as everywhere in the course; CUDA becomes one GPU per local rank."""
+    _fake_gpus(monkeypatch, 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("GLM4MOE_DEVICE", "cpu")
+    assert parallel._rank_device() == torch.device("cpu")  # forced: gloo, although GPUs are there
+    monkeypatch.delenv("GLM4MOE_DEVICE")
+    assert parallel._rank_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more ranks than GPUs: all on the CPU
+    assert parallel._rank_device() == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("GLM4MOE_DEVICE", "cuda:3")  # one rank keeps the GPU asked for
+    assert parallel._rank_device() == torch.device("cuda", 3)
+    monkeypatch.setenv("GLM4MOE_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="GLM4MOE_DEVICE='gpu' is not allowed"):
+        parallel._rank_device()
+    _fake_gpus(monkeypatch, 0)
+    monkeypatch.delenv("GLM4MOE_DEVICE")
+    assert parallel._rank_device() == torch.device("cpu")

@@ -335,3 +335,210 @@ def test_routing_text_views_and_plots(corpus):
     ):
         assert isinstance(fig, Figure)
     assert len(vt.expert_colors(16)) == 16
+
+
+# ---- a used out_dir, interrupted runs, what a resumed run may load -----------------------------------
+
+
+def test_fresh_run_into_a_used_out_dir_is_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(steps=2, out_dir=str(out)), corpus=corpus)
+    ckpt, metrics = out / "checkpoint.safetensors", out / "metrics.json"
+    before = ckpt.read_bytes(), metrics.read_bytes()
+    with pytest.raises(
+        ValueError,
+        match=r"out_dir=.*run' already holds a run at step 2: pass resume=True to continue it, "
+        r"overwrite=True to replace it, or another out_dir",
+    ):
+        train(_cfg(steps=3, out_dir=str(out)), corpus=corpus)
+    assert (ckpt.read_bytes(), metrics.read_bytes()) == before  # nothing of the run was touched
+    with pytest.raises(ValueError, match=r"resume=True continues .* overwrite=True replaces it"):
+        train(_cfg(steps=3, out_dir=str(out)), corpus=corpus, resume=True, overwrite=True)
+    replaced = train(_cfg(steps=3, out_dir=str(out)), corpus=corpus, overwrite=True)
+    assert load_checkpoint(replaced.checkpoint)[1]["step"] == "3"
+    ckpt.unlink()  # only the metrics of a run are left: still refused
+    with pytest.raises(ValueError, match=r"already holds the metrics of an earlier run .*overwrite=True"):
+        train(_cfg(steps=3, out_dir=str(out)), corpus=corpus)
+    with pytest.raises(TypeError, match=r"overwrite='yes'"):
+        train(_cfg(steps=3, out_dir=str(tmp_path / "new")), corpus=corpus, overwrite="yes")
+
+
+def test_cli_refuses_a_used_out_dir_and_names_its_options(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    args = ["--steps", "1", "--batch-size", "4", "--seq-len", "16", "--eval-interval", "0"]
+    args += ["--no-progress", "--samples", "0", "--out", out]
+    assert tr.main(args) == 0
+    before = (tmp_path / "cli" / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+    assert tr.main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run at step 1" in err
+    assert "--resume" in err and "--overwrite" in err and "another --out" in err
+    assert (tmp_path / "cli" / "checkpoint.safetensors").read_bytes() == before
+    assert tr.main([*args, "--overwrite"]) == 0
+    assert tr.main([*args[:1], "2", *args[2:], "--resume"]) == 0
+    assert load_checkpoint(tmp_path / "cli" / "checkpoint.safetensors")[1]["step"] == "2"
+    with pytest.raises(SystemExit) as exc:
+        tr.main([*args, "--resume", "--overwrite"])
+    assert exc.value.code == 2
+
+
+def _same_run(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.metrics["train"] == b.metrics["train"] and a.metrics["eval"] == b.metrics["eval"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """10 steps with an evaluation every 4, run in one go: what an interrupted run must end with."""
+    return train(_cfg(steps=10, eval_interval=4), corpus=corpus)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (raise KeyboardInterrupt), as in a terminal or a notebook."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set in the main thread")
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _interrupt_in_step(monkeypatch, step, how, times=1):
+    """Make ``how`` happen while the MoE biases are updated in ``step`` (2 MoE layers per step)."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+    real = tr.update_bias
+
+    def update_bias(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == 2 * step - 1:  # halfway through the update of `step`
+            for _ in range(times):
+                if how == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(tr, "update_bias", update_bias)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_exactly(
+    corpus, tmp_path, monkeypatch, python_sigint, uninterrupted
+):
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    cfg = _cfg(steps=10, eval_interval=4, out_dir=str(tmp_path))
+    _interrupt_in_step(monkeypatch, 6, "sigint")
+    with pytest.raises(
+        KeyboardInterrupt, match=r"after step 6 of 10: checkpoint .*checkpoint\.safetensors' holds step 6"
+    ) as info:
+        train(cfg, corpus=corpus)  # checkpoint_interval=0: only the interrupt writes one
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+    assert info.value.last_checkpoint == tmp_path / "checkpoint.safetensors"
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["step"] == "6"
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["train"]) == 6
+    monkeypatch.undo()
+    _same_run(uninterrupted, train(cfg, corpus=corpus, resume=True))
+
+
+def test_an_interrupt_that_cannot_wait_saves_the_last_completed_step(
+    corpus, tmp_path, monkeypatch, uninterrupted
+):
+    """A KeyboardInterrupt raised in the code (not a signal) while the next batch is drawn: the
+    state after the last completed step is saved (the drawn batch put back)."""
+    cfg = _cfg(steps=10, eval_interval=4, out_dir=str(tmp_path))
+    calls = {"n": 0}
+    real = tr.BatchLoader.next
+
+    def next_batch(self):
+        calls["n"] += 1
+        batch = real(self)
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return batch
+
+    monkeypatch.setattr(tr.BatchLoader, "next", next_batch)
+    with pytest.raises(KeyboardInterrupt, match=r"after step 6 of 10: checkpoint .* holds step 6"):
+        train(cfg, corpus=corpus)
+    monkeypatch.undo()
+    _same_run(uninterrupted, train(cfg, corpus=corpus, resume=True))
+
+
+def test_an_interrupt_mid_update_names_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, python_sigint):
+    cfg = _cfg(steps=10, eval_interval=0, checkpoint_interval=4, out_dir=str(tmp_path))
+    _interrupt_in_step(monkeypatch, 6, "raise")
+    with pytest.raises(
+        KeyboardInterrupt,
+        match=r"after step 5 of 10 \(step 6 was stopped halfway .*last good checkpoint: .*checkpoint\.safetensors' \(step 4\)",
+    ):
+        train(cfg, corpus=corpus)
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["step"] == "4"
+    # a second Ctrl-C does not wait for the step to end (step 7 is the third of the resumed run)
+    monkeypatch.undo()
+    _interrupt_in_step(monkeypatch, 3, "sigint", times=2)
+    with pytest.raises(KeyboardInterrupt, match=r"step 7 was stopped halfway.*\(step 4\)"):
+        train(cfg, corpus=corpus, resume=True)
+    # without out_dir nothing is deferred or saved
+    monkeypatch.undo()
+    _interrupt_in_step(monkeypatch, 2, "sigint")
+    with pytest.raises(KeyboardInterrupt, match=r"nothing was saved \(no out_dir\)"):
+        train(cfg.replace(out_dir=None, checkpoint_interval=0), corpus=corpus)
+
+
+def test_presets_checkpoint_long_runs_only_where_they_have_an_out_dir(tmp_path):
+    assert tr.TRAIN_PRESETS["small"]["checkpoint_interval"] > 0
+    assert train_preset("small", out_dir=str(tmp_path)).checkpoint_interval == 100
+    assert train_preset("small").checkpoint_interval == 0
+    assert train_preset("tiny", out_dir=str(tmp_path)).checkpoint_interval == 0
+    with pytest.raises(ValueError, match=r"checkpoint_interval=5 is not allowed without out_dir"):
+        TrainConfig(checkpoint_interval=5)
+    with pytest.raises(ValueError, match=r"checkpoint_interval=5 is not allowed without out_dir"):
+        train_preset("small", checkpoint_interval=5)
+
+
+def test_resume_on_other_data_is_refused(corpus, tmp_path):
+    cfg = _cfg(steps=3, eval_interval=0, out_dir=str(tmp_path))
+    train(cfg, corpus=corpus, stop_after=2)
+    other = split_corpus({d: t[::-1] for d, t in load_corpus().items()})
+    with pytest.raises(
+        ValueError, match=r"resume=.* was trained on other data: its corpus has sha256 .*the corpus passed in"
+    ):
+        train(cfg, corpus=other, resume=True)
+    # an older checkpoint records no corpus: resumed, with a warning
+    tensors, meta = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    del meta["corpus_sha256"], meta["loader_calls"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.warns(UserWarning, match=r"does not record which corpus"):
+        result = train(
+            cfg.replace(out_dir=str(tmp_path / "o")), corpus=corpus, resume=tmp_path / "old.safetensors"
+        )
+    assert [r["step"] for r in result.metrics["train"]] == [1, 2, 3]
+
+
+def test_uneven_batches_resume_exactly(corpus, tmp_path):
+    """batch_size 6 over 4 domains: the loader's domain rotation is part of the checkpoint."""
+    cfg = _cfg(steps=6, eval_interval=3, batch_size=6)
+    full = train(cfg, corpus=corpus)
+    train(cfg.replace(out_dir=str(tmp_path)), corpus=corpus, stop_after=3)
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["loader_calls"] == "3"
+    _same_run(full, train(cfg.replace(out_dir=str(tmp_path)), corpus=corpus, resume=True))
+
+
+def test_result_names_only_a_checkpoint_this_call_wrote(corpus, tmp_path):
+    cfg = _cfg(steps=2, eval_interval=0, out_dir=str(tmp_path))
+    first = train(cfg, corpus=corpus, stop_after=1)
+    assert first.checkpoint == tmp_path / "checkpoint.safetensors"
+    # resumed without out_dir: nothing is written, so no checkpoint is named (not the resumed one)
+    resumed = train(cfg.replace(out_dir=None), corpus=corpus, resume=first.checkpoint)
+    assert resumed.checkpoint is None and len(resumed.metrics["train"]) == 2
