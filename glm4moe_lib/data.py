@@ -70,6 +70,11 @@ def load_corpus(path: str | Path | None = None) -> dict[str, str]:
             f"manifest={str(manifest_path)!r} is not a valid corpus manifest ({exc}): regenerate it "
             "with `python data/make_corpus.py`"
         ) from None
+    if not domains or len(set(map(str, domains))) != len(domains):
+        raise ValueError(
+            f"manifest={str(manifest_path)!r} is not a valid corpus manifest: its domains {domains!r} must be "
+            "a non-empty list of distinct names; regenerate it with `python data/make_corpus.py`"
+        )
     texts: dict[str, str] = {}
     for domain in domains:
         info = files.get(domain) if isinstance(files, dict) else None
@@ -90,6 +95,13 @@ def load_corpus(path: str | Path | None = None) -> dict[str, str]:
             raise ValueError(
                 f"manifest={str(manifest_path)!r} is not a valid corpus manifest: files[{domain!r}]"
                 f"['file']={info['file']!r} is a directory, not a text file; regenerate it with "
+                "`python data/make_corpus.py`"
+            )
+        name = str(info["file"])
+        if Path(name).name != name or name in ("", ".", ".."):  # a plain file name in the corpus folder
+            raise ValueError(
+                f"manifest={str(manifest_path)!r} is not a valid corpus manifest: files[{domain!r}]"
+                f"['file']={info['file']!r} is not a file name inside {str(root)!r}; regenerate it with "
                 "`python data/make_corpus.py`"
             )
         if not file.is_file():

@@ -352,6 +352,11 @@ def collect_routing(
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: pass at least one Batch (see glm4moe_lib.data.eval_batches)")
+    for i, b in enumerate(batches):
+        if not isinstance(b, Batch):
+            raise TypeError(
+                f"batches[{i}] is a {type(b).__name__}: expected a Batch (see glm4moe_lib.data.eval_batches)"
+            )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -512,6 +517,18 @@ def save_checkpoint(
     can be refused."""
     from safetensors.torch import save_file
 
+    _check_model(model)
+    for name, value, kind in (
+        ("optimizer", optimizer, torch.optim.Optimizer),
+        ("scheduler", scheduler, torch.optim.lr_scheduler.LRScheduler),
+        ("loader", loader, BatchLoader),
+        ("cfg", cfg, TrainConfig),
+        ("metrics", metrics, dict),
+    ):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} is a {type(value).__name__}: save_checkpoint needs a {kind.__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r} is not allowed: it must be an integer >= 0 (the steps done)")
     tensors: dict[str, Tensor] = {}
     for k, v in model.state_dict().items():
         tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()

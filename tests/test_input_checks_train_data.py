@@ -356,3 +356,39 @@ def test_data_argument_checks(corpus, tmp_path):
     _write_corpus(root, manifest={"domains": ["a"], "files": {"a": {**info, "file": "."}}})
     with pytest.raises(ValueError, match=r"files\['a'\]\['file'\]='\.' is a directory, not a text file"):
         load_corpus(root)
+
+
+def test_manifest_domains_and_file_names_are_checked(tmp_path):
+    import json
+    import shutil
+
+    from glm4moe_lib.data import default_data_dir, load_corpus
+
+    root = tmp_path / "corpus"
+    shutil.copytree(default_data_dir(), root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for change, match in [
+        ({"domains": []}, "non-empty list of distinct names"),
+        ({"domains": ["prose", "prose"]}, "non-empty list of distinct names"),
+        ({"files": {**manifest["files"], "prose": {**manifest["files"]["prose"], "file": "../prose.txt"}}},
+         "is not a file name inside"),
+    ]:  # fmt: skip
+        (root / "manifest.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(ValueError, match=match):
+            load_corpus(root)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert set(load_corpus(root)) == set(manifest["domains"])
+
+
+def test_save_checkpoint_and_collect_routing_name_wrong_arguments(tmp_path):
+    from glm4moe_lib.train import build_model, collect_routing, save_checkpoint, train_preset
+
+    cfg = train_preset("tiny", steps=1, batch_size=4, seq_len=16, eval_batches=1, progress=False)
+    model = build_model(cfg)
+    with pytest.raises(TypeError, match=r"batches\[0\] is a str: expected a Batch"):
+        collect_routing(model, ["not a batch"])
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(TypeError, match="loader is a NoneType: save_checkpoint needs a BatchLoader"):
+        save_checkpoint(tmp_path / "c.safetensors", model, opt, sched, None, 0, cfg, {})
+    assert not (tmp_path / "c.safetensors").exists()
