@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +93,21 @@ class LabTask:
         return x, y
 
 
+def _check_real(name: str, value: float, positive: bool) -> None:
+    """A finite real number, > 0 if ``positive`` else >= 0, or a clear error naming ``name``."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number {bound}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number {bound}")
+
+
 def make_task(
     hidden_size: int = 16, n_clusters: int = 8, offset_scale: float = 3.0, noise: float = 0.5, seed: int = 0
 ) -> LabTask:
     """The lab's task (fixed by ``seed``, independent of the training seed's data stream)."""
+    _check_real("offset_scale", offset_scale, positive=False)
+    _check_real("noise", noise, positive=False)
     g = torch.Generator().manual_seed(10_000 + seed)
     direction = torch.randn(hidden_size, generator=g)
     offset = offset_scale * direction / direction.norm()
@@ -262,9 +274,16 @@ def run_balancing_experiment(
     """
     coef = _check_method(method, coef)
     _check_seed(seed)
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("eval_tokens", eval_tokens),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+    _check_real("lr", lr, positive=True)
+    _check_real("noise", noise, positive=False)
     with torch_threads(1):
         task = make_task(hidden_size, n_clusters=num_experts, noise=noise, seed=0)
         moe = make_lab_moe(

@@ -163,3 +163,31 @@ def test_make_lab_moe_is_deterministic_whatever_the_global_seed():
     assert torch.equal(a, b)
     with pytest.raises(TypeError, match="seed=1.5"):
         make_lab_moe(seed=1.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1e-2}, "lr=-0.01"),
+        ({"lr": float("nan")}, "lr=nan"),
+        ({"lr": 0.0}, "lr=0.0"),
+        ({"noise": float("nan")}, "noise=nan"),
+        ({"noise": -0.5}, "noise=-0.5"),
+        ({"eval_tokens": 0}, "eval_tokens=0"),
+        ({"eval_tokens": -5}, "eval_tokens=-5"),
+    ],
+)
+def test_lab_rejects_bad_numbers_before_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_balancing_experiment("none", steps=2, **kwargs)
+
+
+def test_tradeoff_with_one_expert_draws_without_warnings():
+    import warnings
+
+    from glm4moe_lib.viz.balance import plot_tradeoff
+
+    res = run_balancing_experiment("none", steps=3, num_experts=1, top_k=1, eval_tokens=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_tradeoff({res.label: res}, window=1)

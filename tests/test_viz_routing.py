@@ -135,8 +135,14 @@ def test_plot_capacity_bars():
     ],
 )
 def test_capacity_bad_inputs(args, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):  # (TypeError: not an integer at all)
         capacity_numbers(*args)
+
+
+def test_capacity_takes_numpy_integers():
+    import numpy as np
+
+    assert capacity_numbers(np.int64(8), np.int64(2), 16, 8) == capacity_numbers(8, 2, 16, 8)
 
 
 # ---- diagrams ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ..dispatch import check_expert_ids
 from ..router import RouterOutput
-from .core import CMAP, PALETTE, close, heatmap, load_bars, to_numpy
+from .core import CMAP, PALETTE, check_int, close, heatmap, load_bars, to_numpy
 
 SHOW_CHOICES = ("weights", "scores")
 
@@ -123,19 +123,11 @@ def capacity_numbers(
     A SwiGLU FFN of width I has 3·H·I weights and costs 2·3·H·I FLOPs per token (one multiply-add
     per weight); the router adds E·H weights and 2·E·H FLOPs.
     """
-    for name, value in (
-        ("num_experts", num_experts),
-        ("top_k", top_k),
-        ("hidden_size", hidden_size),
-        ("expert_size", expert_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} is not allowed: it must be at most num_experts={num_experts}")
-    dense_size = expert_size if dense_size is None else dense_size
-    if isinstance(dense_size, bool) or not isinstance(dense_size, int) or dense_size <= 0:
-        raise ValueError(f"dense_size={dense_size!r} is not allowed: it must be a positive integer")
+    num_experts = check_int("num_experts", num_experts, 1)  # (numpy integers too: a slider's value)
+    top_k = check_int("top_k", top_k, 1, num_experts, what=" (at most num_experts)")
+    hidden_size = check_int("hidden_size", hidden_size, 1)
+    expert_size = check_int("expert_size", expert_size, 1)
+    dense_size = expert_size if dense_size is None else check_int("dense_size", dense_size, 1)
     expert = 3 * hidden_size * expert_size
     router = num_experts * hidden_size
     dense = 3 * hidden_size * dense_size
@@ -217,8 +209,7 @@ def plot_moe_diagram(
 
     The chosen experts are coloured and get an arrow labelled with their weight; the others are grey.
     """
-    if not 2 <= num_experts <= 16:
-        raise ValueError(f"num_experts={num_experts!r} is not allowed: draw between 2 and 16 experts")
+    num_experts = check_int("num_experts", num_experts, 2, 16, what=" (the experts drawn)")
     chosen = list(chosen)
     if not chosen or any(not 0 <= c < num_experts for c in chosen) or len(set(chosen)) != len(chosen):
         raise ValueError(f"chosen={chosen!r} is not allowed: give distinct experts in [0, {num_experts})")
@@ -277,13 +268,15 @@ def plot_decoder_stack(
     num_hidden_layers: int, first_k_dense_replace: int, *, name: str = "", num_mtp_layers: int = 0
 ) -> Figure:
     """One coloured cell per decoder layer: dense-FFN layers first, then MoE layers (and MTP)."""
-    if not isinstance(num_hidden_layers, int) or num_hidden_layers <= 0:
-        raise ValueError(f"num_hidden_layers={num_hidden_layers!r} is not allowed: it must be > 0")
-    if not 0 <= first_k_dense_replace <= num_hidden_layers:
-        raise ValueError(
-            f"first_k_dense_replace={first_k_dense_replace!r} is not allowed: it must be in "
-            f"[0, num_hidden_layers={num_hidden_layers}]"
-        )
+    num_hidden_layers = check_int("num_hidden_layers", num_hidden_layers, 1)
+    first_k_dense_replace = check_int(
+        "first_k_dense_replace",
+        first_k_dense_replace,
+        0,
+        num_hidden_layers,
+        what=" (at most num_hidden_layers)",
+    )
+    num_mtp_layers = check_int("num_mtp_layers", num_mtp_layers, 0)
     n = num_hidden_layers + num_mtp_layers
     kinds = np.array([0] * first_k_dense_replace + [1] * (num_hidden_layers - first_k_dense_replace))
     kinds = np.concatenate([kinds, np.full(num_mtp_layers, 2)])

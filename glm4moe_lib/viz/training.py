@@ -103,6 +103,12 @@ def plot_domain_losses(metrics: Mapping[str, Any], *, title: str = "Validation l
                 f"metrics run {label!r} has no evaluation with 'val_loss_per_domain': nothing to draw"
             )
     domains = list(next(iter(runs.values()))["eval"][-1]["val_loss_per_domain"])
+    for label, m in runs.items():
+        if list(m["eval"][-1]["val_loss_per_domain"]) != domains:
+            raise ValueError(
+                f"metrics run {label!r} has the domains {list(m['eval'][-1]['val_loss_per_domain'])} but the "
+                f"first run {domains}: runs compared in one figure must share their domains"
+            )
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     width = 0.8 / len(runs)
     x = np.arange(len(domains))
@@ -130,6 +136,17 @@ def plot_max_vio(
             "metrics has no run with a recorded 'max_vio' (a model with MoE layers, trained at least "
             "one step): nothing to draw"
         )
+    for label, m in runs.items():
+        first = (
+            m.get("model_config", {}).get("first_k_dense_replace")
+            if isinstance(m.get("model_config"), Mapping)
+            else None
+        )
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise ValueError(
+                f"metrics run {label!r} has no model_config['first_k_dense_replace'] (the layer numbers of "
+                "its MoE layers): pass the metrics train() returns or writes"
+            )
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs) + 1, 3.6), squeeze=False, sharey=True)
     for ax, (label, m) in zip(axes[0], runs.items()):
         steps = [r["step"] for r in m["train"]]
@@ -219,6 +236,11 @@ def char_classes(text: str) -> dict[str, float]:
 
 def plot_corpus_stats(texts: Mapping[str, str], *, title: str = "What each domain is made of") -> Figure:
     """Stacked horizontal bars: the character classes of every domain."""
+    if not isinstance(texts, Mapping) or not texts:
+        raise ValueError(f"texts={texts!r:.60} is not allowed: pass a non-empty dict {{domain: text}}")
+    for name, text in texts.items():
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{name!r}] is a {type(text).__name__}: every domain's text must be a str")
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(texts) + 1.6))
     left = np.zeros(len(texts))
     names = list(texts)
