@@ -213,3 +213,18 @@ def test_scale_title_names_the_element_type(elem_size, dtype):
 
     fig = plot_scale(GLM45, [2, 4, 8], elem_size=elem_size)
     assert fig.axes[0].get_title().endswith(dtype)
+
+
+@pytest.mark.parametrize("num_experts, top_k, top", [(1, 1, 1.05), (2, 2, 1.05), (3, 2, 0.525), (8, 2, 3.15)])
+def test_tradeoff_pads_only_a_zero_worst_case(num_experts, top_k, top):
+    """K = E (worst MaxVio 0) draws without matplotlib's identical-limits warning; any other
+    layout keeps its y-axis at 1.05 x the worst MaxVio, E/K - 1."""
+    import warnings
+
+    from glm4moe_lib.lab import run_balancing_experiment
+
+    res = run_balancing_experiment("none", steps=2, num_experts=num_experts, top_k=top_k, eval_tokens=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = vb.plot_tradeoff({res.label: res}, window=1)
+    assert fig.axes[0].get_ylim() == pytest.approx((0.0, top))

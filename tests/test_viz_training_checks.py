@@ -66,3 +66,33 @@ def test_moe_diagram_expert_count(bad, exc):
 )
 def test_decoder_stack_counts(args, kwargs, exc, match):
     _raises(exc, match, plot_decoder_stack, *args, **kwargs)
+
+
+def test_domain_losses_take_the_same_domains_in_another_order():
+    fig = plot_domain_losses({"a": _metrics(["prose", "code"]), "b": _metrics(["code", "prose"])})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["prose", "code"]  # the first run's order
+
+
+def test_char_classes_want_a_str():
+    from glm4moe_lib.viz.training import char_classes
+
+    with pytest.raises(TypeError, match="text is a bytes"):
+        char_classes(b"ab c")
+    assert char_classes("a1 \n.") == dict.fromkeys(
+        ("letters", "digits", "spaces", "newlines", "punctuation"), 0.2
+    )
+
+
+@pytest.mark.parametrize("bad", [(1.5,), (1, 2.0), "15", 3, (True, 2)])
+def test_moe_diagram_wants_integer_expert_ids(bad):
+    _raises(TypeError, "chosen=", plot_moe_diagram, 8, bad)
+
+
+def test_moe_diagram_takes_numpy_and_tensor_ids():
+    import numpy as np
+    import torch
+
+    for chosen in ((1, 5), np.array([1, 5]), torch.tensor([1, 5])):
+        texts = [t.get_text() for t in plot_moe_diagram(8, chosen, (0.6, 0.4)).axes[0].texts]
+        assert "w=0.60" in texts and "w=0.40" in texts

@@ -218,7 +218,7 @@ def plot_tradeoff(results: Mapping[str, LabResult], window: int = 10) -> Figure:
     ax_v.set_xlabel("training step")
     ax_v.set_ylabel(f"MaxVio (moving average of {window})")
     ax_v.set_title("Imbalance during training")
-    ax_v.set_ylim(0, max(worst, 1.0) * 1.05)  # (one expert: MaxVio is always 0)
+    ax_v.set_ylim(0, (worst if worst > 0 else 1.0) * 1.05)  # (worst 0, e.g. K = E: MaxVio is always 0)
     ax_l.set_xlabel("training step")
     ax_l.set_ylabel(f"task loss (moving average of {window})")
     ax_l.set_yscale("log")

@@ -7,7 +7,8 @@ redraw the same figures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -210,7 +211,13 @@ def plot_moe_diagram(
     The chosen experts are coloured and get an arrow labelled with their weight; the others are grey.
     """
     num_experts = check_int("num_experts", num_experts, 2, 16, what=" (the experts drawn)")
+    if isinstance(chosen, torch.Tensor):
+        chosen = chosen.tolist()  # (a [K] row of topk_indices)
+    if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Iterable):
+        raise TypeError(f"chosen={chosen!r:.60} is not allowed: pass a sequence of expert ids, e.g. (1, 5)")
     chosen = list(chosen)
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in chosen):
+        raise TypeError(f"chosen={chosen!r:.60} is not allowed: expert ids must be integers")
     if not chosen or any(not 0 <= c < num_experts for c in chosen) or len(set(chosen)) != len(chosen):
         raise ValueError(f"chosen={chosen!r} is not allowed: give distinct experts in [0, {num_experts})")
     if weights is not None and len(weights) != len(chosen):

@@ -103,8 +103,8 @@ def plot_domain_losses(metrics: Mapping[str, Any], *, title: str = "Validation l
                 f"metrics run {label!r} has no evaluation with 'val_loss_per_domain': nothing to draw"
             )
     domains = list(next(iter(runs.values()))["eval"][-1]["val_loss_per_domain"])
-    for label, m in runs.items():
-        if list(m["eval"][-1]["val_loss_per_domain"]) != domains:
+    for label, m in runs.items():  # the same domains, in any order (bars follow the first run's)
+        if set(m["eval"][-1]["val_loss_per_domain"]) != set(domains):
             raise ValueError(
                 f"metrics run {label!r} has the domains {list(m['eval'][-1]['val_loss_per_domain'])} but the "
                 f"first run {domains}: runs compared in one figure must share their domains"
@@ -225,6 +225,8 @@ CHAR_CLASSES = ("letters", "digits", "spaces", "newlines", "punctuation")
 
 def char_classes(text: str) -> dict[str, float]:
     """Share of letters, digits, spaces, newlines and everything else in ``text``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text is a {type(text).__name__}: pass a str (decode bytes first)")
     n = max(len(text), 1)
     letters = sum(c.isalpha() for c in text)
     digits = sum(c.isdigit() for c in text)
