@@ -228,3 +228,30 @@ def test_wrong_answer_gets_plain_words(check, fn, expected):
 def test_not_a_function():
     result = check_swiglu(42)
     assert not result.passed and "expected a function" in result.message
+
+
+def test_layer_params_refuses_the_library_shortcut():
+    from glm4moe_lib.config import MoEConfig
+
+    r = check_layer_params(lambda c: (c.num_parameters()["total"], c.num_parameters()["active"]))
+    assert not r.passed and "count the parameters yourself" in r.message
+    assert MoEConfig().num_parameters()["total"] > 0  # restored after the check
+
+
+def test_routers_name_a_swapped_return_order():
+    from glm4moe_lib.exercises import check_sigmoid_router, check_topk_softmax_router
+
+    def swapped(logits, k):
+        w, i = logits.softmax(-1).topk(k)
+        return i, w / w.sum(-1, keepdim=True)
+
+    r = check_topk_softmax_router(swapped)
+    assert not r.passed and "return (weights, indices), in that order" in r.message, r.message
+
+    def swapped_sigmoid(logits, bias, k, scale):
+        i = (logits.sigmoid() + bias).topk(k).indices
+        w = logits.sigmoid().gather(-1, i)
+        return i, w / w.sum(-1, keepdim=True) * scale
+
+    r = check_sigmoid_router(swapped_sigmoid)
+    assert not r.passed and "in that order" in r.message, r.message
