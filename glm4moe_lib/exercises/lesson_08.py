@@ -165,6 +165,12 @@ def _per_expert(topk_indices, domain_ids, n_domains, n_experts):
     return c / c.sum(0, keepdim=True).clamp_min(1)
 
 
+def _per_token(topk_indices, domain_ids, n_domains, n_experts):
+    c = _counts(topk_indices, domain_ids, n_domains, n_experts)
+    tokens = torch.bincount(domain_ids, minlength=n_domains).to(c.dtype)[:, None]  # [D, 1]
+    return c / tokens.clamp_min(1)  # rows sum to K
+
+
 def _top1_only(topk_indices, domain_ids, n_domains, n_experts):
     c = _counts(topk_indices[:, :1], domain_ids, n_domains, n_experts)
     return c / c.sum(1, keepdim=True).clamp_min(1)
@@ -190,7 +196,7 @@ def _spec_cases() -> list[Case]:
         Case(
             "6 tokens, 2 domains, 4 experts, top-2",
             (
-                torch.tensor([[0, 1], [0, 2], [1, 0], [3, 2], [3, 1], [2, 3]]),
+                torch.tensor([[0, 1], [0, 2], [1, 0], [3, 2], [3, 1], [2, 0]]),  # column sums 4, 3, 3, 2
                 torch.tensor([0, 0, 0, 1, 1, 1]),
                 2,
                 4,
@@ -219,6 +225,11 @@ def check_specialization_matrix(fn: Callable[..., Tensor]) -> CheckResult:
                 "you returned raw counts: divide each domain's row by its number of picks so the "
                 "rows sum to 1 (domains have different numbers of tokens).",
                 _raw_counts,
+            ),
+            Mistake(  # (before the column one: in the first case both give the same numbers)
+                "you divided each domain's counts by its number of tokens, so the rows sum to K: divide "
+                "by its number of picks (tokens x K), so each row sums to 1.",
+                _per_token,
             ),
             Mistake(
                 "you normalized each expert's column (sum over domains) instead of each domain's "

@@ -86,8 +86,8 @@ def check_dispatch_bytes(fn: Callable[..., Any]) -> CheckResult:
     """``fn(tokens, top_k, hidden_size, world_size, elem_size) -> float``: the expected bytes one
     rank sends to the *other* ranks in one dispatch when every expert is equally likely."""
     cases = [
+        Case("4 ranks, bf16", (64, 2, 32, 4, 2)),  # (first: at W=2 two mistakes give the same number)
         Case("toy: 16 tokens, top-2, H=32, 2 ranks, fp32", (16, 2, 32, 2, 4)),
-        Case("4 ranks, bf16", (64, 2, 32, 4, 2)),
         Case("GLM-4.5 shape: 4096 tokens, top-8, H=5120, 8 GPUs, bf16", (4096, 8, 5120, 8, 2)),
         Case("one rank: nothing leaves", (10, 2, 8, 1, 4)),
     ]
@@ -105,12 +105,12 @@ def check_dispatch_bytes(fn: Callable[..., Any]) -> CheckResult:
         return t * k * h * b / w
 
     mistakes = [
+        Mistake("that is dispatch + combine: the question asks for one dispatch.", both_ways),
         Mistake(
             "you counted the rows that stay on the rank too: only a fraction (W-1)/W of them leaves.",
             with_self,
         ),
         Mistake("each token is sent top_k times (once per chosen expert): multiply by top_k.", tokens_only),
-        Mistake("that is dispatch + combine: the question asks for one dispatch.", both_ways),
         Mistake("1/W of the rows stay local; (W-1)/W of them leave, not 1/W.", one_over_w),
     ]
     return check_function("dispatch bytes", fn, a2a_bytes_formula, cases, mistakes)

@@ -432,6 +432,7 @@ def _route_variant(
     use_groups=True,
     scale_before_norm=False,
     renorm=True,
+    mask_value=float("-inf"),
 ):
     scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float().softmax(-1)
     choice = scores + bias if use_bias else scores.clone()
@@ -441,7 +442,7 @@ def _route_variant(
         keep = torch.zeros(t, n_group, dtype=torch.bool).scatter_(
             1, gs.topk(topk_group, dim=-1).indices, True
         )
-        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), mask_value)
     idx = choice.topk(k, dim=-1).indices
     w = (choice if weights_with_bias else scores).gather(1, idx)
     if scale_before_norm:
@@ -472,6 +473,10 @@ def check_glm4_router(fn: Callable[..., Any]) -> CheckResult:
             "8 tokens, top-3 of 12, 3 groups keep 1, no renormalization, scale 1.5",
             (torch.randn(8, 12, generator=g) * 2, torch.randn(12, generator=g) * 0.3, 3, 3, 1, False, 1.5),
         ),
+        Case(  # scores + bias below 0 in the kept groups: a masked expert must still never win
+            "32 tokens, top-4 of 16, 4 groups keep 2, biases down to -0.8, scale 2.5",
+            (torch.randn(32, 16, generator=g) * 2, -0.8 * torch.rand(16, generator=g), 4, 4, 2, True, 2.5),
+        ),
     ]
 
     def variant(**kw):
@@ -497,6 +502,11 @@ def check_glm4_router(fn: Callable[..., Any]) -> CheckResult:
         Mistake(
             "a group's score is the sum of its two best experts, not its single best one.",
             variant(group_top=1),
+        ),
+        Mistake(
+            "you masked the dropped groups' experts with 0: with a negative bias a kept expert's score + bias "
+            "can fall below 0, and then a dropped expert wins. Mask them with float('-inf').",
+            variant(mask_value=0.0),
         ),
         Mistake(
             "your weights sum to 1: they miss the routed_scaling_factor, either never multiplied by it or "
