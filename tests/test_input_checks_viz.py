@@ -319,3 +319,13 @@ def lab_results():
     from glm4moe_lib.lab import run_sweep
 
     return run_sweep([("none", None), ("aux", 1e-2)], steps=2)
+
+
+def test_plot_times_labels_the_measured_token_counts_plainly():
+    from glm4moe_lib import bench
+    from glm4moe_lib.viz import perf
+
+    res = perf.load_results(bench.RESULTS_DIR / "results_cpu.json")
+    fig = perf.plot_times(res, modes=("forward",))
+    tokens = sorted({r["tokens"] for r in res["results"] if r["mode"] == "forward"})
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [str(t) for t in tokens]  # not 2^k

@@ -243,3 +243,15 @@ def test_set_clamps_the_log_slider_to_its_range(dash):
 def test_seed_outside_the_slider_is_refused():
     with pytest.raises(ValueError, match="seed"):
         Playground(seed=100)
+
+
+def test_strength_and_steps_are_greyed_out_without_balancing():
+    from glm4moe_lib.widgets.playground import Playground
+
+    pg = Playground()
+    assert pg.controls["balancing"].value == "none"
+    assert pg.controls["strength"].disabled and pg.controls["steps"].disabled
+    pg.set(balancing="bias updates")
+    assert not pg.controls["strength"].disabled and not pg.controls["steps"].disabled
+    pg.reset()
+    assert pg.controls["strength"].disabled and pg.controls["steps"].disabled

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 from matplotlib.figure import Figure
 
 from .core import PALETTE, close
@@ -92,6 +93,8 @@ def plot_times(
         if ratio:
             ax.axhline(1.5, color="grey", lw=1, ls="--")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens, [str(t) for t in tokens])  # the measured T as plain numbers, not 2^k
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
         ax.set_ylabel("time / limit" if ratio else "ms per layer call")
@@ -102,7 +105,7 @@ def plot_times(
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     axes[0][-1].legend(
-        handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9
+        handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=11
     )
     meta = results["meta"]
     fig.suptitle(f"One MoE layer ({meta['device']}, {meta['dtype']}): measured vs the limit", y=1.02)

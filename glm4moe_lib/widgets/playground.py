@@ -241,6 +241,8 @@ class Playground:
         """Recompute the routing for the current controls and redraw the figure."""
         start = time.perf_counter()
         self.state = simulate_playground(**self.settings, tokens=self.tokens)
+        off = self.controls["balancing"].value == "none"  # strength and steps do nothing then: greyed out
+        self.controls["strength"].disabled = self.controls["steps"].disabled = off
         fig = draw_playground(self.state, scale=self.scale)
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
