@@ -255,3 +255,15 @@ def test_routers_name_a_swapped_return_order():
 
     r = check_sigmoid_router(swapped_sigmoid)
     assert not r.passed and "in that order" in r.message, r.message
+
+
+def test_fused_expert_names_a_missing_activation():
+    import torch.nn.functional as F
+
+    from glm4moe_lib.exercises import check_fused_expert
+
+    def no_silu(x, gu, d, e):
+        gate, up = gu[e].chunk(2, dim=0)
+        return F.linear(F.linear(x, gate) * F.linear(x, up), d[e])
+
+    assert "forgot the activation" in check_fused_expert(no_silu).message

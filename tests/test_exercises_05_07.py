@@ -128,7 +128,7 @@ def test_capacity_correct(fn):
 @pytest.mark.parametrize(
     "fn, words",
     [
-        (capacity_floor, "rounded down"),
+        (capacity_floor, "not rounded up"),
         (capacity_no_k, "forgot top_k"),
         (capacity_no_clamp, "clamp"),
         (capacity_experts, "counted the experts"),
@@ -468,3 +468,16 @@ def test_moe_forward_mistakes(fn, words):
 
 def test_not_a_function():
     assert not check_bias_update(3).passed
+
+
+def test_capacity_names_round_as_not_rounding_up():
+    from glm4moe_lib.exercises import check_capacity
+
+    def rounded(idx, e, f):
+        t, k = idx.shape
+        cap = round(f * t * k / e)
+        load = torch.bincount(idx.reshape(-1), minlength=e)
+        return cap, int((load - cap).clamp_min(0).sum())
+
+    r = check_capacity(rounded)
+    assert not r.passed and "not rounded up" in r.message and "round()" in r.message

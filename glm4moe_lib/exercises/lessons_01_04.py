@@ -570,6 +570,10 @@ def check_fused_expert(fn: Callable[..., Any]) -> CheckResult:
     def wrong_expert(x, gu, d, e):
         return _fused_expert(x, gu, d, (e + 1) % gu.shape[0])
 
+    def no_silu(x, gu, d, e):
+        gate, up = gu[e].chunk(2, dim=0)
+        return F.linear(F.linear(x, gate) * F.linear(x, up), d[e])
+
     mistakes = [
         Mistake(
             "you took the halves the wrong way round: the first I rows are the gate, the last I rows the up "
@@ -582,5 +586,8 @@ def check_fused_expert(fn: Callable[..., Any]) -> CheckResult:
             interleaved,
         ),
         Mistake("you ran a different expert: index the fused tensors with e.", wrong_expert),
+        Mistake(
+            "you forgot the activation: apply SiLU to the gate projection before multiplying by up.", no_silu
+        ),
     ]
     return check_function("expert from fused weights", fn, _fused_expert, cases, mistakes)

@@ -181,8 +181,8 @@ def check_capacity(fn: Callable[..., Any]) -> CheckResult:
 
     mistakes = [
         Mistake(
-            "your capacity is rounded down: a fractional capacity must be rounded up (math.ceil), or "
-            "a perfectly balanced batch would already drop tokens.",
+            "your capacity is not rounded up: a fractional capacity must be rounded up with math.ceil "
+            "(int() and round() can go down), or a perfectly balanced batch would already drop tokens.",
             floor_cap,
         ),
         Mistake(
