@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import PRESETS, MoEConfig, int_at_least
+from .config import PRESETS, MoEConfig, check_int, int_at_least
 from .cpu_kernel import unsupported
 from .device import keep_freed_cpu_memory, pick_device, torch_threads
 from .dispatch import STRATEGIES, choose_strategy, dispatch_combine
@@ -88,16 +88,6 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 
 # ---- argument checks -----------------------------------------------------------------------------
-def _check_int(name: str, value: Any, low: int, high: int | None = None, what: str = "") -> int:
-    """``value`` as an int if it is one (not a bool) in [low, high], else a TypeError/ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} is not allowed: it must be an int{what}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}{what}")
-    return int(value)
-
-
 def _check_seconds(name: str, value: Any, allow_zero: bool = False) -> float:
     """``value`` as a float if it is a finite number of seconds > 0 (>= 0 with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -239,7 +229,7 @@ def layer_flops(config: MoEConfig, tokens: int, backward: bool = False) -> int:
     ``backward`` each GEMM also runs its two backward GEMMs (input and weight gradients): x3.
     """
     _check_config(config)
-    tokens = _check_int("tokens", tokens, 0)
+    tokens = check_int("tokens", tokens, 0)
     h, i = config.hidden_size, config.moe_intermediate_size
     e, k = config.n_routed_experts, config.num_experts_per_tok
     forward = 2 * tokens * (h * e + 3 * h * config.shared_intermediate_size + k * 3 * h * i)
@@ -251,8 +241,8 @@ def layer_bytes(config: MoEConfig, touched: int, elem_size: int, backward: bool 
     the ``touched`` routed experts (those that got at least one token) once. With ``backward``
     each of those weights' gradients is also written once: x2."""
     _check_config(config)
-    touched = _check_int("touched", touched, 0, config.n_routed_experts, " (experts with a token, at most E)")
-    elem_size = _check_int("elem_size", elem_size, 1, what=" (bytes per weight, e.g. 4 for fp32)")
+    touched = check_int("touched", touched, 0, config.n_routed_experts, " (experts with a token, at most E)")
+    elem_size = check_int("elem_size", elem_size, 1, what=" (bytes per weight, e.g. 4 for fp32)")
     h, i = config.hidden_size, config.moe_intermediate_size
     weights = config.n_routed_experts * h + 3 * h * config.shared_intermediate_size + touched * 3 * h * i
     return weights * elem_size * (2 if backward else 1)
@@ -501,7 +491,7 @@ def time_interleaved(
             raise TypeError(
                 f"steps[{name!r}] is not allowed: it must be a callable, not {type(step).__name__}"
             )
-    repeats = _check_int("repeats", repeats, 1)
+    repeats = check_int("repeats", repeats, 1)
     min_sample_s = _check_seconds("min_sample_s", min_sample_s, allow_zero=True)
     device = torch.device(device)
     if clock == "cpu" and device.type != "cpu":
@@ -585,9 +575,9 @@ def overlap_probe(
             f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} must be [E, 2I, H] and [E, H, I]"
         )
     experts = gate_up.shape[0]
-    top_k = _check_int("top_k", top_k, 1, experts, f" (experts per token, at most experts={experts})")
+    top_k = check_int("top_k", top_k, 1, experts, f" (experts per token, at most experts={experts})")
     if hot_experts is not None:
-        _check_int("hot_experts", hot_experts, 1)
+        check_int("hot_experts", hot_experts, 1)
     hot = top_k if hot_experts is None else hot_experts
     if not top_k <= hot <= experts:
         raise ValueError(
@@ -605,10 +595,10 @@ def overlap_probe(
                 f"tokens_per_expert has {n!r}: each must be a positive int n with experts * n ({experts} * n) "
                 f"and hot_experts * n ({hot} * n) multiples of top_k={top_k}"
             )
-    repeats = _check_int("repeats", repeats, 1)
+    repeats = check_int("repeats", repeats, 1)
     min_sample_s = _check_seconds("min_sample_s", min_sample_s, allow_zero=True)
     if threads is not None:
-        _check_int("threads", threads, 1, what=" (or None: torch's current count)")
+        check_int("threads", threads, 1, what=" (or None: torch's current count)")
     with torch_threads(threads):
         return _overlap_rows(gate_up, down, top_k, tokens_per_expert, hot, repeats, min_sample_s, strategy)
 
@@ -683,13 +673,13 @@ def run(
         raise TypeError(
             f"tokens={tokens!r} is not allowed: it must be a list or tuple of token counts (ints >= 0)"
         )
-    tokens = tuple(_check_int("tokens", t, 0, what=" (a token count)") for t in tokens)
+    tokens = tuple(check_int("tokens", t, 0, what=" (a token count)") for t in tokens)
     routings = _check_choices("routings", routings, ROUTINGS)
     if modes is not None:
         modes = _check_choices("modes", modes, MODES)
     strategies = _check_choices("strategies", strategies, ("auto", *STRATEGIES))
     hf_impls = _check_choices("hf_impls", hf_impls, HF_IMPLS)
-    repeats = _check_int("repeats", repeats, 1)
+    repeats = check_int("repeats", repeats, 1)
     min_sample_s = _check_seconds("min_sample_s", min_sample_s)
     if clock not in CLOCKS:
         raise ValueError(f"clock={clock!r} is not allowed: use one of {sorted(CLOCKS)}")

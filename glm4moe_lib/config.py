@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,29 @@ DISPATCH_STRATEGIES = (
     "grouped_mm",
     "fused_cpu",
 )
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, what: str = "") -> int:
+    """``value`` as an int if it is an integer (not a bool) in [low, high], else a TypeError /
+    ValueError naming ``name``, the value and what is allowed (``what`` adds a hint). The one
+    integer-argument check the library's modules share (numpy integers pass)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} is not allowed: it must be an integer{what}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer {bound}{what}")
+    return int(value)
+
+
+def check_real(name: str, value: Any, low: float | None = None, above: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), >= ``low`` (> with
+    ``above``) when given, else a ValueError naming ``name``, the value and what is allowed."""
+    bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number{bound}")
+    if low is not None and (value <= low if above else value < low):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number{bound}")
+    return float(value)
 
 
 def _positive_int(name: str, value: Any) -> None:

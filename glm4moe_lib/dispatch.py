@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_kernel
+from .config import check_int, check_real
 from .cpu_kernel import fused_cpu_dispatch
 from .experts import _swiglu
 
@@ -206,25 +206,10 @@ def _plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """GShard / Switch capacity: each expert takes at most ``ceil(factor * T * K / E)`` pairs."""
-    for name, value, low in (
-        ("num_tokens", num_tokens, 0),
-        ("num_experts", num_experts, 1),
-        ("top_k", top_k, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {low}")
-    if top_k > num_experts:
-        raise ValueError(
-            f"top_k={top_k} is not allowed: a token picks at most num_experts={num_experts} experts"
-        )
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, Real):
-        raise ValueError(
-            f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
-        )
-    if not capacity_factor > 0 or math.isinf(capacity_factor):
-        raise ValueError(
-            f"capacity_factor={capacity_factor!r} is not allowed: it must be a finite number > 0"
-        )
+    num_tokens = check_int("num_tokens", num_tokens, 0)
+    num_experts = check_int("num_experts", num_experts, 1)
+    top_k = check_int("top_k", top_k, 0, num_experts, what=" (a token picks at most num_experts experts)")
+    check_real("capacity_factor", capacity_factor, 0, above=True)
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 

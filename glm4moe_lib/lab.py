@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from .balance import (
     sequence_balance_loss,
     update_bias,
 )
-from .config import MoEConfig
+from .config import MoEConfig, check_real
 from .device import torch_threads
 from .moe import MoE
 
@@ -93,21 +92,12 @@ class LabTask:
         return x, y
 
 
-def _check_real(name: str, value: float, positive: bool) -> None:
-    """A finite real number, > 0 if ``positive`` else >= 0, or a clear error naming ``name``."""
-    bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number {bound}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number {bound}")
-
-
 def make_task(
     hidden_size: int = 16, n_clusters: int = 8, offset_scale: float = 3.0, noise: float = 0.5, seed: int = 0
 ) -> LabTask:
     """The lab's task (fixed by ``seed``, independent of the training seed's data stream)."""
-    _check_real("offset_scale", offset_scale, positive=False)
-    _check_real("noise", noise, positive=False)
+    check_real("offset_scale", offset_scale, 0)
+    check_real("noise", noise, 0)
     g = torch.Generator().manual_seed(10_000 + seed)
     direction = torch.randn(hidden_size, generator=g)
     offset = offset_scale * direction / direction.norm()
@@ -282,8 +272,8 @@ def run_balancing_experiment(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
-    _check_real("lr", lr, positive=True)
-    _check_real("noise", noise, positive=False)
+    check_real("lr", lr, 0, above=True)
+    check_real("noise", noise, 0)
     with torch_threads(1):
         task = make_task(hidden_size, n_clusters=num_experts, noise=noise, seed=0)
         moe = make_lab_moe(

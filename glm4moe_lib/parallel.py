@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import MoEConfig, preset
+from .config import MoEConfig, check_real, preset
 from .dispatch import capacity_keep_mask, check_expert_ids, dispatch_combine, expert_capacity, plan_dispatch
 from .experts import ACT_FNS, MLP
 from .moe import MoE, check_layer_input
@@ -93,14 +93,6 @@ def _is_positive_int(value: Any) -> bool:
 
 def _is_int_at_least(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _check_real(name: str, value: Any, low: float | None = None) -> None:
-    """A finite real number (not a bool), >= ``low`` when given, or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number")
-    if low is not None and value < low:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= {low}")
 
 
 def _check_seed(seed: Any) -> None:
@@ -602,7 +594,7 @@ def make_inputs(
         raise TypeError(f"config must be a MoEConfig, got {type(config).__name__} (see preset)")
     tokens_per_rank = _check_tokens_per_rank(tokens_per_rank)
     _check_seed(seed)
-    _check_real("skew", skew)
+    check_real("skew", skew)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -668,10 +660,10 @@ def run_check(
         tokens_per_rank = [tokens_per_rank] * world
     tokens_per_rank = _check_tokens_per_rank(tokens_per_rank)
     _check_seed(seed)
-    _check_real("skew", skew)
+    check_real("skew", skew)
     _check_capacity_factor(capacity_factor)
-    _check_real("atol", atol, 0)
-    _check_real("rtol", rtol, 0)
+    check_real("atol", atol, 0)
+    check_real("rtol", rtol, 0)
     if len(tokens_per_rank) != world:
         raise ValueError(
             f"tokens_per_rank={list(tokens_per_rank)} needs one entry per rank (world_size={world})"

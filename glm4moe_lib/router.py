@@ -15,21 +15,18 @@ chains them.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MoEConfig
+from .config import MoEConfig, check_real
 
 
 def _check_temperature(temperature: float) -> None:
     """A finite real number > 0 (inf would make every sigmoid score 0.5: a uniform routing)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite number > 0")
+    check_real("temperature", temperature, 0, above=True)
 
 
 class RouterOutput(NamedTuple):

@@ -17,8 +17,9 @@ import torch
 from matplotlib.figure import Figure
 
 from ..balance import load_balancing_loss, sequence_balance_loss
+from ..config import check_int
 from ..lab import LabResult
-from .core import PALETTE, check_int, close, heatmap, to_numpy
+from .core import PALETTE, close, heatmap, to_numpy
 
 __all__ = [
     "METHOD_COLORS",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import matplotlib as mpl
@@ -29,17 +28,6 @@ def check_scale(scale) -> None:
         raise ValueError(
             f"scale={scale!r} is not allowed: it must be a finite number > 0 (1.5 for a projector)"
         )
-
-
-def check_int(name: str, value, low: int, high: int | None = None, what: str = "") -> int:
-    """``value`` as an int if it is an integer (not a bool) in [low, high], else a TypeError /
-    ValueError naming ``name``, the value and what is allowed (``what`` adds a hint)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} is not allowed: it must be an integer{what}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer {bound}{what}")
-    return int(value)
 
 
 def ink(color, alpha: float = 1.0) -> str:

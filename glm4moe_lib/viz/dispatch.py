@@ -17,8 +17,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..config import check_int
 from ..dispatch import _check_index, capacity_keep_mask, check_expert_ids, expert_capacity, plan_dispatch
-from .core import PALETTE, check_int, close, ink, to_numpy
+from .core import PALETTE, close, ink, to_numpy
 
 __all__ = [
     "capacity_drops",

@@ -16,9 +16,10 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
+from ..config import check_int
 from ..dispatch import check_expert_ids
 from ..router import RouterOutput
-from .core import CMAP, PALETTE, check_int, close, heatmap, load_bars, to_numpy
+from .core import CMAP, PALETTE, close, heatmap, load_bars, to_numpy
 
 SHOW_CHOICES = ("weights", "scores")
 

@@ -17,7 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .core import CMAP, PALETTE, check_int, close, heatmap, ink, to_numpy
+from ..config import check_int
+from .core import CMAP, PALETTE, close, heatmap, ink, to_numpy
 
 __all__ = [
     "char_classes",
